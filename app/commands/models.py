@@ -1,0 +1,93 @@
+"""`hearth models`: the base models of the catalog and the personalised ones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("models", help="base and personalised models")
+    actions = p.add_subparsers(dest="models_action", metavar="ACTION")
+    ls = actions.add_parser("list", help="list the models (the default)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    pull = actions.add_parser("pull", help="download a catalog model or hub id into the cache")
+    pull.add_argument("model")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "models_action", None) == "pull":
+        return _pull(args.model)
+    return _list(bool(getattr(args, "json", False)))
+
+
+def model_rows() -> list[dict]:
+    """One row per model: the stable shape of `hearth models list --json`."""
+    from training.catalog import DEFAULT_MODEL, load_catalog
+    from training.hub import local_snapshot
+    from training.model_store import personal_models
+
+    rows = []
+    for entry in load_catalog():
+        bundled = entry.bundled_path()
+        local = bundled or local_snapshot(entry.hub_id)
+        rows.append({
+            "name": entry.name,
+            "type": "base",
+            "title": entry.title,
+            "parameters": entry.parameters,
+            "size_mb": entry.size_mb,
+            "license": entry.license,
+            "min_memory_gb": entry.min_memory_gb,
+            "hub_id": entry.hub_id,
+            "available": local is not None,
+            "path": str(local) if local else None,
+            "default": entry.name == DEFAULT_MODEL,
+        })
+    for model in personal_models():
+        rows.append({
+            "name": model.name,
+            "type": "personal",
+            "title": f"{model.method} on {model.base}",
+            "base": model.base,
+            "method": model.method,
+            "format": model.format,
+            "parameters": model.parameters,
+            "pruning_ratio": model.pruning_ratio,
+            "created": model.created,
+            "available": True,
+        })
+    return rows
+
+
+def _list(as_json: bool) -> int:
+    rows = model_rows()
+    if as_json:
+        print(json.dumps({"models": rows}, indent=2))
+        return 0
+    print(f"{'NAME':<22} {'TYPE':<9} {'PARAMS':>7} {'STATE':<12} DETAILS")
+    for row in rows:
+        if row["type"] == "base":
+            state = "ready" if row["available"] else "downloadable"
+            params = row["parameters"]
+            details = f"{row['title']}, {row['size_mb']} MB, needs {row['min_memory_gb']:g} GB, {row['license']}"
+            if row["default"]:
+                details += " (default)"
+        else:
+            state = "ready"
+            params = f"{row['parameters'] / 1e6:.0f}M" if row["parameters"] else "?"
+            details = f"{row['method']} on {row['base']}"
+            if row["pruning_ratio"]:
+                details += f", pruned {row['pruning_ratio']:.0%}"
+        print(f"{row['name']:<22} {row['type']:<9} {params:>7} {state:<12} {details}")
+    return 0
+
+
+def _pull(model: str) -> int:
+    from training.model_store import ensure_local, resolve
+
+    ref = ensure_local(resolve(model))
+    print(ref.path)
+    return 0

@@ -1,0 +1,1 @@
+"""Files the product ships: default config, model catalog, styles."""

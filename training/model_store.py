@@ -1,0 +1,230 @@
+"""The model store: one place that turns a model reference into a usable model.
+
+A reference is, in the order tried:
+- a catalog name (`smollm2-135m`, the bundled default; others come from the hub);
+- the name of a personalised model (a folder in the data dir with a `hearth-model.json`);
+- a local `.gguf` file, or a local Hugging Face directory (config + safetensors + tokenizer);
+- a hub id (`HuggingFaceTB/SmolLM2-360M-Instruct`), downloaded into the cache dir.
+
+llama.cpp takes GGUF files as they are; torch gets a transformers model (GGUF weights dequantised
+to float32).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import HearthError
+from core.paths import hearth_paths
+from training.catalog import CatalogEntry, find_entry
+
+MANIFEST = "hearth-model.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class PersonalModel:
+    """What `hearth-model.json` says about a model Hearth made."""
+
+    name: str
+    base: str                 # the reference it was trained from
+    method: str               # "pac", "lora", "pruned", "federated", ...
+    format: str               # "hf" (merged weights), "peft" (adapter on base), "pac" (side chain on base), "gguf"
+    created: str = ""
+    pruning_ratio: float = 0.0
+    parameters: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved reference: what it is and where its files are."""
+
+    text: str                             # what the user named
+    kind: str                             # "gguf", "hf_dir", "hub", "personal"
+    path: Path | None = None              # the .gguf file or the folder; None for a hub id not yet downloaded
+    hub_id: str | None = None
+    catalog: CatalogEntry | None = None
+    personal: PersonalModel | None = None
+
+    @property
+    def display_name(self) -> str:
+        if self.catalog:
+            return self.catalog.name
+        if self.personal:
+            return self.personal.name
+        return self.text
+
+
+def read_manifest(folder: Path) -> PersonalModel:
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        return PersonalModel(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise HearthError(f"{path}: unreadable model manifest ({exc})") from None
+
+
+def personal_models() -> list[PersonalModel]:
+    root = hearth_paths().models_dir
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(root.iterdir()):
+        if (folder / MANIFEST).is_file() and not folder.name.startswith("."):
+            found.append(read_manifest(folder))
+    return found
+
+
+def resolve(text: str) -> ModelRef:
+    """Turn what a user typed into a ModelRef, or raise a one-line HearthError."""
+    text = text.strip()
+    if not text:
+        raise HearthError("no model named")
+    entry = find_entry(text)
+    if entry is not None:
+        bundled = entry.bundled_path()
+        if bundled is not None:
+            return ModelRef(text, "gguf", bundled, entry.hub_id, entry)
+        if entry.bundled:
+            package = entry.bundled.split("/")[0]
+            hint = f"its package '{package}' is not installed (run the README's set-up)"
+        else:
+            hint = None
+        downloaded = _downloaded_hub_dir(entry.hub_id)
+        if downloaded is not None:
+            return ModelRef(text, "hf_dir", downloaded, entry.hub_id, entry)
+        if hint:
+            raise HearthError(f"model {entry.name}: {hint}")
+        return ModelRef(text, "hub", None, entry.hub_id, entry)
+    personal_dir = hearth_paths().models_dir / text
+    if re.fullmatch(r"[\w.-]+", text) and (personal_dir / MANIFEST).is_file():
+        return ModelRef(text, "personal", personal_dir, personal=read_manifest(personal_dir))
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise HearthError(f"{path}: no such file")
+        check_gguf(path)
+        return ModelRef(text, "gguf", path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HearthError(f"{path}: not a model folder (no config.json)")
+        return ModelRef(text, "hf_dir", path.resolve())
+    if path.exists():
+        raise HearthError(f"{path}: not a .gguf file or a model folder")
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        downloaded = _downloaded_hub_dir(text)
+        if downloaded is not None:
+            return ModelRef(text, "hf_dir", downloaded, text)
+        return ModelRef(text, "hub", None, text)
+    raise HearthError(
+        f"unknown model '{text}': not a catalog name, a personalised model, a file or a hub id "
+        "(see `hearth models list`)"
+    )
+
+
+def _downloaded_hub_dir(hub_id: str) -> Path | None:
+    from training.hub import local_snapshot
+
+    return local_snapshot(hub_id)
+
+
+def check_gguf(path: Path) -> None:
+    """Raise a one-line HearthError if `path` is not a complete, readable GGUF file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise HearthError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise HearthError(f"{path}: not a GGUF file (bad magic bytes)")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise HearthError(f"{path}: unsupported GGUF version {version}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors ...
+        raise HearthError(f"{path}: corrupt GGUF ({_short(exc)})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise HearthError(
+                f"{path}: truncated GGUF (tensor {tensor.name} needs {end} bytes, file has {size})"
+            )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def ensure_local(ref: ModelRef, progress: bool = True) -> ModelRef:
+    """Download a hub reference (with a progress bar); other references are returned as they are."""
+    if ref.kind != "hub":
+        return ref
+    from training.hub import download
+
+    folder = download(ref.hub_id or ref.text, progress=progress)
+    return ModelRef(ref.text, "hf_dir", folder, ref.hub_id, ref.catalog)
+
+
+def gguf_path(ref: ModelRef) -> Path:
+    """The GGUF file llama.cpp should load for this reference."""
+    if ref.kind == "gguf" and ref.path is not None:
+        return ref.path
+    if ref.kind == "personal" and ref.path is not None:
+        ggufs = sorted(ref.path.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+        raise HearthError(
+            f"model {ref.display_name} has no GGUF file: export it with `hearth export "
+            f"{ref.display_name} --gguf`, or chat with it through the torch engine"
+        )
+    raise HearthError(
+        f"model {ref.display_name} is not a GGUF file: export it first (`hearth export`) "
+        "or chat with it through the torch engine"
+    )
+
+
+def load_torch(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
+    """A transformers causal LM and its tokenizer for this reference (frozen, eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = ensure_local(ref)
+    torch_dtype = getattr(torch, dtype)
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        check_gguf(ref.path)
+        from training.gguf_model import load_gguf_model
+
+        model, tokenizer = load_gguf_model(ref.path, torch_dtype)
+    elif ref.kind in ("hf_dir", "personal"):
+        assert ref.path is not None
+        if ref.kind == "personal" and not (ref.path / "config.json").is_file():
+            raise HearthError(
+                f"model {ref.display_name} is stored as '{ref.personal.format if ref.personal else '?'}' "
+                "adapters: load it through training.personal (not plain weights)"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ref.path)
+            model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise HearthError(f"{ref.path}: cannot load model ({_short(exc)})") from None
+    else:
+        raise HearthError(f"cannot load {ref.text} ({ref.kind})")
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
