@@ -17,6 +17,7 @@ from app import __version__
 COMMAND_MODULES = [
     "app.commands.chat",
     "app.commands.models",
+    "app.commands.bench",
 ]
 
 

@@ -20,11 +20,11 @@ command -v "$python" >/dev/null || { echo "setup: $python not found (Hearth need
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 # llama-cpp-python has no binary wheel for this platform: pip compiles it (about 4 minutes on two
-# cores, once; pip caches the wheel it built). The flags target the CPU features of x86-64 machines
-# made in the last decade (AVX2, FMA, F16C) without tying the build to this exact processor.
+# cores, once; pip caches the wheel it built). GGML_NATIVE=OFF builds a portable library that
+# still picks AVX2/FMA/F16C kernels at run time where the processor has them.
 if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
     echo "setup: building llama.cpp (takes a few minutes the first time)..."
-    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
         "${pip[@]}" install "llama-cpp-python==0.3.36"
 fi
 

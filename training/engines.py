@@ -22,9 +22,9 @@ class ChatMessage:
 @dataclass
 class SamplingSettings:
     # Defaults that do not loop on small models: greedy decoding repeats itself.
-    temperature: float = 0.7
+    temperature: float = 0.3
     top_p: float = 0.95
-    repeat_penalty: float = 1.2
+    repeat_penalty: float = 1.1
     max_tokens: int = 512
     seed: int | None = None
     stop: list[str] = field(default_factory=list)

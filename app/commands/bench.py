@@ -1,0 +1,55 @@
+"""`hearth bench NAME`: the benchmarks, each side by side with its baseline in one run.
+
+Each benchmark module has `add_arguments(parser)` and `run(args) -> dict`; the dict is printed as
+JSON with `--json`, or as indented text. Ratios against the baseline are in the dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+# name -> (module, one-line description). Add a line when a benchmark really runs.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+}
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmarks, side by side with their baselines")
+    names = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
+    for name, (module_name, about) in BENCHMARKS.items():
+        b = names.add_parser(name, help=about, description=about)
+        b.add_argument("--json", action="store_true", help="print the result as JSON")
+        b.add_argument("--output", help="also write the JSON result to this file")
+        b.set_defaults(_bench_module=module_name)
+        importlib.import_module(module_name).add_arguments(b)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.atomic import atomic_write_text
+
+    module = importlib.import_module(args._bench_module)
+    result = module.run(args)
+    text = json.dumps(result, indent=2, default=str)
+    if args.output:
+        atomic_write_text(__import__("pathlib").Path(args.output), text + "\n")
+    print(text if args.json else _as_text(result))
+    return 0
+
+
+def _as_text(value, indent: int = 0) -> str:
+    pad = "  " * indent
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                lines.append(f"{pad}{key}:")
+                lines.append(_as_text(item, indent + 1))
+            else:
+                lines.append(f"{pad}{key}: {item}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        return "\n".join(_as_text(item, indent) if isinstance(item, (dict, list)) else f"{pad}- {item}" for item in value)
+    return f"{pad}{value}"

@@ -1,0 +1,40 @@
+"""Fixtures shared by every test module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The `shared/` folder beside the repository (data and model fixtures)."""
+    path = REPO.parent / "shared"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: tests need the shared fixtures beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_gguf(shared_dir: Path) -> Path:
+    return shared_dir / "models" / "stories260K" / "stories260K.gguf"
+
+
+@pytest.fixture
+def hearth_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private HEARTH_HOME for one test: config, data and cache under tmp_path."""
+    home = tmp_path / "hearth-home"
+    monkeypatch.setenv("HEARTH_HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_default_home(tmp_path_factory: pytest.TempPathFactory):
+    """No test touches the real user's folders: HEARTH_HOME defaults to a temporary one."""
+    if "HEARTH_HOME" not in os.environ:
+        os.environ["HEARTH_HOME"] = str(tmp_path_factory.mktemp("default-hearth-home"))
+    yield

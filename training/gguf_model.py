@@ -1,0 +1,258 @@
+"""GGUF files into transformers models (weights dequantised), for training and the torch engine.
+
+Two readers, chosen by what the file holds:
+- Llama-architecture files with a SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`,
+  e.g. stories260K, Llama 2, TinyLlama) are read here: the weights with the `gguf` package into a
+  `LlamaForCausalLM`, the tokenizer built from the file's own `tokenizer.ggml.*` fields with the
+  `tokenizers` library. transformers' own GGUF conversion fails on some of these (stories260K: an
+  IndexError in the tokenizer conversion and a pad id of 4294967295).
+- Everything else (SmolLM2's GPT-2-style BPE vocabulary, other architectures) goes through
+  transformers' GGUF support.
+
+It does not write GGUF files (export does) and does not check that a file is complete
+(`training.model_store.check_gguf` does, before any reader sees it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.errors import HearthError
+
+# llama.cpp's token types (llama_token_type in llama.h).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# GGUF tensor names of one Llama block -> transformers parameter names.
+_BLOCK_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def load_gguf_model(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
+    """A transformers causal LM (eval mode not set) and its tokenizer from a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    if _field(reader, "general.architecture") == "llama" and _field(reader, "tokenizer.ggml.model") == "llama":
+        return read_llama_model(reader, torch_dtype), read_llama_tokenizer(reader)
+    return _load_with_transformers(path, torch_dtype)
+
+
+def _load_with_transformers(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+    except (ValueError, KeyError, IndexError, NotImplementedError) as exc:
+        # transformers names unsupported architectures or quantisation types in the message.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise HearthError(f"{path}: transformers cannot load this GGUF ({first})") from None
+    return model, tokenizer
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _token_id(reader: Any, key: str, vocab_size: int) -> int | None:
+    """A special token id, or None when the file leaves it unset (llama.cpp writes 2**32 - 1)."""
+    value = _field(reader, key)
+    if value is None or not 0 <= int(value) < vocab_size:
+        return None
+    return int(value)
+
+
+def read_llama_tokenizer(reader: Any) -> Any:
+    """The SentencePiece-style vocabulary of a GGUF as a transformers fast tokenizer.
+
+    llama.cpp's tokenizer for these files starts from single characters and repeatedly merges the
+    adjacent pair whose concatenation is in the vocabulary with the highest score; a character not
+    in the vocabulary becomes its UTF-8 bytes (`<0xNN>` tokens). A BPE model whose merges are
+    ranked by the merged token's score, with byte fallback, does the same.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
+    scores: list[float] = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
+    vocab = {token: i for i, token in enumerate(tokens)}
+
+    # Pieces that take part in merges: normal and user-defined tokens.
+    mergeable = {t for t, kind in zip(tokens, types) if kind in (_NORMAL, _USER_DEFINED)}
+    merges = []
+    for merged in mergeable:
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in mergeable and right in mergeable:
+                merges.append((-scores[vocab[merged]], vocab[left], vocab[right], left, right))
+    merges.sort()
+
+    unk_id = _token_id(reader, "tokenizer.ggml.unknown_token_id", len(tokens))
+    bos_id = _token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens))
+    eos_id = _token_id(reader, "tokenizer.ggml.eos_token_id", len(tokens))
+    pad_id = _token_id(reader, "tokenizer.ggml.padding_token_id", len(tokens))
+    unk = tokens[unk_id] if unk_id is not None else None
+
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
+                              byte_fallback=True, fuse_unk=True))
+    # llama.cpp prepends a space (when the file says so; the default for this vocabulary) and
+    # writes every space as U+2581.
+    steps = []
+    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        steps.append(normalizers.Prepend("\u2581"))
+    steps.append(normalizers.Replace(" ", "\u2581"))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    decode_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        decode_steps.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(decode_steps)
+    tokenizer.add_special_tokens([
+        AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(tokens, types) if kind in (_CONTROL, _UNKNOWN)
+    ])
+    tokenizer.add_tokens([
+        AddedToken(t, special=False, normalized=False)
+        for t, kind in zip(tokens, types) if kind == _USER_DEFINED
+    ])
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True)) and bos_id is not None
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos_id is not None
+    if add_bos or add_eos:
+        bos = [f"{tokens[bos_id]}"] if add_bos else []
+        eos = [f"{tokens[eos_id]}"] if add_eos else []
+        specials = [(tokens[i], i) for i in {bos_id, eos_id} if i is not None]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=" ".join(bos + ["$A"] + eos),
+            pair=" ".join(bos + ["$A"] + eos + bos + ["$B:1"] + eos),
+            special_tokens=specials,
+        )
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=tokens[bos_id] if bos_id is not None else None,
+        eos_token=tokens[eos_id] if eos_id is not None else None,
+        unk_token=unk,
+        pad_token=tokens[pad_id] if pad_id is not None else None,
+        clean_up_tokenization_spaces=False,
+    )
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        fast.chat_template = template
+    return fast
+
+
+def _llama_config(reader: Any) -> Any:
+    from transformers import LlamaConfig
+
+    def need(key: str) -> Any:
+        value = _field(reader, key)
+        if value is None:
+            raise HearthError(f"GGUF has no {key} (not a complete llama model file)")
+        return value
+
+    heads = int(need("llama.attention.head_count"))
+    hidden = int(need("llama.embedding_length"))
+    n_vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    names = {t.name for t in reader.tensors}
+    head_dim = hidden // heads
+    rope_dims = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise HearthError(f"GGUF rotates {rope_dims} of {head_dim} head dimensions (partial rope is not supported)")
+    return LlamaConfig(
+        vocab_size=n_vocab,
+        hidden_size=hidden,
+        intermediate_size=int(need("llama.feed_forward_length")),
+        num_hidden_layers=int(need("llama.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_token_id(reader, "tokenizer.ggml.bos_token_id", n_vocab),
+        eos_token_id=_token_id(reader, "tokenizer.ggml.eos_token_id", n_vocab),
+        pad_token_id=_token_id(reader, "tokenizer.ggml.padding_token_id", n_vocab),
+    )
+
+
+def _unpermute(weight: Any, heads: int) -> Any:
+    """Undo llama.cpp's reordering of Q/K rows.
+
+    llama.cpp rotates adjacent pairs of a head's dimensions (rope "normal" mode); transformers
+    rotates the first half against the second. The converter to GGUF interleaves each head's rows
+    (halves -> pairs); this puts them back.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP_TENSORS:
+        return _TOP_TENSORS[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK_TENSORS and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.weight"
+    return None
+
+
+def read_llama_model(reader: Any, torch_dtype: Any) -> Any:
+    """The weights of a llama-architecture GGUF, dequantised, in a LlamaForCausalLM."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+    from transformers import LlamaForCausalLM
+
+    config = _llama_config(reader)
+    state = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise HearthError(f"GGUF tensor {tensor.name} is not part of a plain llama model (unsupported)")
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise HearthError(
+                f"GGUF tensor {tensor.name}: {tensor.tensor_type.name} weights cannot be dequantised"
+            ) from None
+        # GGUF lists dimensions fastest-first; numpy and torch want them the other way round.
+        values = np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        if tensor.name.endswith("attn_q.weight"):
+            values = _unpermute(values, config.num_attention_heads)
+        elif tensor.name.endswith("attn_k.weight"):
+            values = _unpermute(values, config.num_key_value_heads)
+        state[name] = torch.from_numpy(values.copy())
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise HearthError(f"GGUF lacks tensor for {missing[0]} (incomplete llama model)")
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # Buffers such as the rotary inverse frequencies were made on the meta device: rebuild them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model
