@@ -1,7 +1,14 @@
 """Base models from a model hub, through `huggingface_hub`, into Hearth's cache dir.
 
-Downloads show a progress bar and resume where a broken one stopped. `HF_ENDPOINT` points at a
-mirror; `HF_HUB_OFFLINE=1` (or no network) gives a clear message instead of a hang.
+Downloads show a progress bar. A connection that breaks in the middle of a file is resumed where
+it stopped (an HTTP Range request); after an interrupted run, the files already complete are kept
+and the next run fetches only the rest. `HF_ENDPOINT` points at a mirror; `HF_HUB_OFFLINE=1` (or
+no network) gives a one-line message instead of a hang.
+
+huggingface_hub reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is first imported: set them in
+the environment before the process starts.
+
+This module does not load models (`training.model_store` does).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
 def local_snapshot(hub_id: str) -> Path | None:
-    """The downloaded folder of `hub_id`, or None if it is not fully in the cache."""
+    """The downloaded folder of `hub_id`, or None if it is not fully in the cache. Never networks."""
     cache = hearth_paths().hub_cache_dir
     if not (cache / ("models--" + hub_id.replace("/", "--"))).is_dir():
         return None
@@ -25,7 +32,7 @@ def local_snapshot(hub_id: str) -> Path | None:
     try:
         folder = Path(snapshot_download(hub_id, cache_dir=cache, local_files_only=True,
                                         allow_patterns=MODEL_FILES))
-    except Exception:
+    except Exception:  # not cached, incomplete, or an unreadable cache: all mean "not here"
         return None
     return folder if (folder / "config.json").is_file() else None
 
@@ -33,9 +40,11 @@ def local_snapshot(hub_id: str) -> Path | None:
 def download(hub_id: str, progress: bool = True) -> Path:
     """Download `hub_id` (resuming a partial download) and return its local folder."""
     import huggingface_hub
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
+        DisabledRepoError,
         GatedRepoError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -45,20 +54,39 @@ def download(hub_id: str, progress: bool = True) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     if not progress:
         huggingface_hub.utils.disable_progress_bars()
+    where = constants.ENDPOINT
     try:
         folder = Path(snapshot_download(hub_id, cache_dir=cache, allow_patterns=MODEL_FILES))
     except GatedRepoError:
         raise HearthError(f"{hub_id}: gated on the hub; accept its license there and log in (HF_TOKEN)") from None
+    except DisabledRepoError:
+        raise HearthError(f"{hub_id}: disabled on the hub {where}") from None
     except RepositoryNotFoundError:
-        raise HearthError(f"{hub_id}: no such model on the hub") from None
+        raise HearthError(f"{hub_id}: no such model on the hub {where}") from None
     except RevisionNotFoundError:
-        raise HearthError(f"{hub_id}: no such revision on the hub") from None
-    except LocalEntryNotFoundError:
+        raise HearthError(f"{hub_id}: no such revision on the hub {where}") from None
+    except IncompleteSnapshotError:
         raise HearthError(
-            f"{hub_id}: not downloaded yet and the hub cannot be reached (offline mode or no network)"
+            f"{hub_id}: the download in the cache is incomplete and the hub {where} cannot be reached "
+            "to finish it"
+        ) from None
+    except LocalEntryNotFoundError as exc:
+        if constants.HF_HUB_OFFLINE:
+            raise HearthError(
+                f"{hub_id}: not downloaded yet and offline mode is on (HF_HUB_OFFLINE=1); "
+                "unset it to download, or use a local model"
+            ) from None
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "no answer"
+        raise HearthError(
+            f"{hub_id}: not downloaded yet and the hub {where} cannot be reached ({cause})"
         ) from None
     except OSError as exc:
-        raise HearthError(f"{hub_id}: download failed ({str(exc).splitlines()[0][:200]})") from None
+        raise HearthError(f"{hub_id}: download failed ({_first_line(exc)})") from None
     if not (folder / "config.json").is_file():
         raise HearthError(f"{hub_id}: the download has no config.json (not a transformers model)")
     return folder
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
