@@ -17,7 +17,15 @@ from app import __version__
 COMMAND_MODULES = [
     "app.commands.chat",
     "app.commands.models",
+    "app.commands.train",
+    "app.commands.prune",
+    "app.commands.export",
+    "app.commands.serve",
     "app.commands.bench",
+    "app.commands.worker",
+    "app.commands.devices",
+    "app.commands.pair",
+    "app.commands.unpair",
 ]
 
 

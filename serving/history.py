@@ -109,10 +109,17 @@ class History:
                 f"{self.path}: written by a newer Hearth (schema {version}, this one knows {SCHEMA_VERSION})"
             )
         for target in range(version, SCHEMA_VERSION):
+            # One transaction per step: DDL and user_version commit together or not at all
+            # (statement by statement: executescript would commit the open transaction first).
             with self._transaction():
-                self._db.executescript(
-                    "SAVEPOINT migrate;" + _MIGRATIONS[target] + f"PRAGMA user_version={target + 1};RELEASE migrate;"
-                )
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={target + 1}")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:  # never read in the middle of another thread's transaction
+            return self._db.execute(sql, params).fetchall()
 
     def _transaction(self):
         return _Transaction(self._db, self._lock)
@@ -123,7 +130,7 @@ class History:
 
     @property
     def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+        return self._query("PRAGMA user_version")[0][0]
 
     # --- conversations ---------------------------------------------------------------------
 
@@ -140,14 +147,14 @@ class History:
         return self.conversation(int(cur.lastrowid))
 
     def conversation(self, conversation_id: int) -> Conversation:
-        row = self._db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        if row is None:
+        rows = self._query("SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+        if not rows:
             raise HearthError(f"{self.path}: no conversation {conversation_id}")
-        return _conversation(row)
+        return _conversation(rows[0])
 
     def conversations(self) -> list[Conversation]:
         """Every conversation, the most recently active first."""
-        rows = self._db.execute("SELECT * FROM conversations ORDER BY updated DESC, id DESC").fetchall()
+        rows = self._query("SELECT * FROM conversations ORDER BY updated DESC, id DESC")
         return [_conversation(row) for row in rows]
 
     def update_conversation(
@@ -201,16 +208,22 @@ class History:
         return self.message(int(cur.lastrowid))
 
     def message(self, message_id: int) -> Message:
-        row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
-        if row is None:
+        rows = self._query("SELECT * FROM messages WHERE id = ?", (message_id,))
+        if not rows:
             raise HearthError(f"{self.path}: no message {message_id}")
-        return _message(row)
+        return _message(rows[0])
 
     def messages(self, conversation_id: int) -> list[Message]:
-        rows = self._db.execute(
-            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
-        ).fetchall()
+        rows = self._query("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         return [_message(row) for row in rows]
+
+    def user_prompts(self, limit: int = 200) -> list[str]:
+        """The last `limit` questions asked in any conversation, oldest first."""
+        rows = self._query(
+            "SELECT content FROM (SELECT id, content FROM messages WHERE role = 'user' "
+            "ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,),
+        )
+        return [row[0] for row in rows]
 
     def delete_message(self, message_id: int) -> None:
         """Remove one message (regenerate drops the answer it replaces)."""

@@ -38,3 +38,16 @@ def _isolated_default_home(tmp_path_factory: pytest.TempPathFactory):
     if "HEARTH_HOME" not in os.environ:
         os.environ["HEARTH_HOME"] = str(tmp_path_factory.mktemp("default-hearth-home"))
     yield
+
+
+@pytest.fixture(scope="session")
+def stories_hf_dir(stories_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K as a Hugging Face folder (config, safetensors, tokenizer), saved by transformers
+    from the model store's GGUF loader: a tiny real model for local-folder and hub tests."""
+    from training.model_store import load_torch, resolve
+
+    model, tokenizer = load_torch(resolve(str(stories_gguf)))
+    folder = tmp_path_factory.mktemp("stories260K-hf")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -47,6 +47,8 @@ class HubMirror:
     log: list[Request] = field(default_factory=list)
     # file name -> bytes to send on the first GET before dropping the connection
     drop_after: dict[str, int] = field(default_factory=dict)
+    # files whose GET answers 500 (the hub failing)
+    failing: set[str] = field(default_factory=set)
     url: str = ""
 
     def gets(self, name: str) -> list[Request]:
@@ -109,6 +111,8 @@ def _handler(mirror: HubMirror):
             return self._not_found()
 
         def _file(self, request: Request, name: str):
+            if name in mirror.failing and self.command == "GET":
+                return self._json({"error": "Internal Error"}, 500)
             data = mirror.files[name]
             start = 0
             if request.range:
@@ -145,9 +149,29 @@ def _handler(mirror: HubMirror):
     return Handler
 
 
+@pytest.fixture(scope="module")
+def hub_model_dir(stories_hf_dir: Path, tmp_path_factory) -> Path:
+    """A small Llama (random weights, 23 MB: more than huggingface_hub's 10 MiB download chunk, so
+    a broken transfer can resume in the middle) with stories260K's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2)
+    folder = tmp_path_factory.mktemp("hub-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories_hf_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture
-def hub_mirror(stories_hf_dir: Path):
-    files = {p.name: p.read_bytes() for p in sorted(stories_hf_dir.iterdir()) if p.is_file()}
+def hub_mirror(hub_model_dir: Path):
+    files = {p.name: p.read_bytes() for p in sorted(hub_model_dir.iterdir()) if p.is_file()}
     mirror = HubMirror(HUB_ID, files)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(mirror))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -169,10 +193,12 @@ def hearth(home: Path, *args: str, endpoint: str, offline: bool = False) -> subp
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.slow
-def test_hub_download_shows_progress_and_resumes_a_broken_transfer(hub_mirror: HubMirror, tmp_path, monkeypatch):
+def test_hub_download_shows_progress_and_resumes_a_broken_transfer(
+    hub_mirror: HubMirror, hub_model_dir: Path, tmp_path, monkeypatch
+):
     weights = hub_mirror.files["model.safetensors"]
-    hub_mirror.drop_after["model.safetensors"] = len(weights) // 3
+    cut = 15 * 1024 * 1024
+    hub_mirror.drop_after["model.safetensors"] = cut
     home = tmp_path / "home"
 
     done = hearth(home, "models", "pull", HUB_ID, endpoint=hub_mirror.url)
@@ -180,24 +206,36 @@ def test_hub_download_shows_progress_and_resumes_a_broken_transfer(hub_mirror: H
     folder = Path(done.stdout.strip())
     assert (folder / "model.safetensors").read_bytes() == weights
     assert str(folder).startswith(str(home / "cache" / "hub"))
-    # the progress bar (tqdm, on stderr) counted the bytes
-    assert "Downloading" in done.stderr and "100%" in done.stderr
+    # the byte counter of the progress bar (tqdm, on stderr) reached the whole size
+    assert "Downloading bytes" in done.stderr and "100%" in done.stderr, done.stderr
 
+    # The first transfer broke after `cut` bytes; the retry asked for the rest only.
     first, second = hub_mirror.gets("model.safetensors")
-    assert first.range is None and first.bytes_sent == len(weights) // 3
-    assert second.range == f"bytes={len(weights) // 3}-"
-    assert second.bytes_sent == len(weights) - len(weights) // 3  # only the rest
+    assert first.range is None and first.bytes_sent == cut
+    start = int(re.fullmatch(r"bytes=(\d+)-", second.range).group(1))
+    assert 0 < start <= cut  # huggingface_hub resumes from the last 10 MiB chunk it wrote
+    assert second.bytes_sent == len(weights) - start
 
     # The downloaded model resolves without the server and loads into transformers.
     monkeypatch.setenv("HEARTH_HOME", str(home))
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from training.model_store import load_torch, resolve
 
     ref = resolve(HUB_ID)
     assert ref.kind == "hf_dir" and ref.path == folder
     model, tokenizer = load_torch(ref)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert "Lily" in tokenizer.decode(out[0])
+    source = AutoModelForCausalLM.from_pretrained(hub_model_dir)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source(ids).logits)
+
+    # Offline mode uses the cache and sends nothing.
+    requests_before = len(hub_mirror.log)
+    offline = hearth(home, "models", "pull", HUB_ID, endpoint=hub_mirror.url, offline=True)
+    assert offline.returncode == 0 and Path(offline.stdout.strip()) == folder, offline.stderr
+    assert len(hub_mirror.log) == requests_before
 
     # A second pull finds everything in the cache: no file is fetched again.
     requests_before = len(hub_mirror.log)
@@ -207,27 +245,25 @@ def test_hub_download_shows_progress_and_resumes_a_broken_transfer(hub_mirror: H
 
 
 def test_interrupted_download_keeps_finished_files(hub_mirror: HubMirror, tmp_path):
-    """A run that fails part-way keeps the complete files; the next run fetches only the rest."""
-    weights = hub_mirror.files["model.safetensors"]
-    # Every GET of the weights breaks before any byte: more failures than the library retries.
-    hub_mirror.drop_after["model.safetensors"] = 0
+    """A run that fails part-way keeps the files it finished; the next run fetches only the rest."""
+    hub_mirror.failing.add("model.safetensors")
     home = tmp_path / "home"
-
-    def failing_get(*args, **kwargs):
-        hub_mirror.drop_after["model.safetensors"] = 0
-
     broken = hearth(home, "models", "pull", HUB_ID, endpoint=hub_mirror.url)
-    # Whether the library gave up or finished on a retry depends on its retry count: we care
-    # about the next run.
-    fetched_first = {r.path.rsplit("/", 1)[1] for r in hub_mirror.log if r.method == "GET" and r.bytes_sent}
+    assert broken.returncode == 2
+    # Besides the progress bars, stderr holds one line naming the model and the failure.
+    errors = [line for line in broken.stderr.splitlines() if line.startswith("hearth:")]
+    assert len(errors) == 1 and HUB_ID in errors[0] and "500" in errors[0], broken.stderr
+    finished = {r.path.rsplit("/", 1)[1] for r in hub_mirror.log if r.method == "GET" and r.bytes_sent}
+    assert "config.json" in finished and "model.safetensors" not in finished
+
+    hub_mirror.failing.clear()
     log_start = len(hub_mirror.log)
     done = hearth(home, "models", "pull", HUB_ID, endpoint=hub_mirror.url)
-    assert done.returncode == 0, done.stderr + broken.stderr
-    folder = Path(done.stdout.strip())
-    assert (folder / "model.safetensors").read_bytes() == weights
+    assert done.returncode == 0, done.stderr
+    assert (Path(done.stdout.strip()) / "model.safetensors").read_bytes() == hub_mirror.files["model.safetensors"]
     fetched_again = {r.path.rsplit("/", 1)[1] for r in hub_mirror.log[log_start:]
                      if r.method == "GET" and "/resolve/" in r.path}
-    assert not (fetched_again & (fetched_first - {"model.safetensors"}))
+    assert fetched_again == {"model.safetensors"}
 
 
 def test_unknown_hub_id_is_one_line_error(hub_mirror: HubMirror, tmp_path):
@@ -259,3 +295,16 @@ def test_unreachable_hub_is_one_line_error(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert HUB_ID in lines[0] and "cannot be reached" in lines[0]
+
+
+def test_catalog_name_downloads_its_hub_id_and_becomes_available(hub_mirror: HubMirror, tmp_path):
+    # The mirror serves the small model under the catalog entry's hub id.
+    hub_mirror.repo_id = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    home = tmp_path / "home"
+    done = hearth(home, "models", "pull", "smollm2-360m", endpoint=hub_mirror.url)
+    assert done.returncode == 0, done.stderr
+    assert "models--HuggingFaceTB--SmolLM2-360M-Instruct" in done.stdout
+
+    listed = hearth(home, "models", "list", "--json", endpoint=hub_mirror.url, offline=True)
+    row = next(r for r in json.loads(listed.stdout)["models"] if r["name"] == "smollm2-360m")
+    assert row["available"] and row["path"] == done.stdout.strip()

@@ -60,64 +60,81 @@ def default_threads() -> int:
 
 
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, with the chat template stored in the GGUF."""
+    """llama.cpp through llama-cpp-python, with the chat template stored in the GGUF.
+
+    The prompt is rendered here (the GGUF's template) and sent as tokens, so that what is counted
+    to fit the context window is exactly what the model reads.
+    """
 
     def __init__(self, gguf_path: str, context_length: int = 2048, threads: int = 0, name: str = ""):
         from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.name = name or os.path.basename(gguf_path)
-        self.context_length = context_length
         self._llama = Llama(
             model_path=str(gguf_path),
             n_ctx=context_length,
             n_threads=threads or default_threads(),
             verbose=False,
         )
+        self.context_length = self._llama.n_ctx()
+        template = self._llama.metadata.get("tokenizer.chat_template") or CHATML
+        eos, bos = self._llama.token_eos(), self._llama.token_bos()
+        self._format = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos),
+            bos_token=self._token_text(bos),
+            stop_token_ids=[eos],
+        )
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def fit_context(self, messages: list[ChatMessage], max_tokens: int) -> list[ChatMessage]:
-        """Drop the oldest turns (never the system prompt or the last message) until the prompt
-        and the reply fit the context window."""
-        budget = self.context_length - max_tokens
-        kept = list(messages)
-        per_message_overhead = 8  # role markers of the template
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation rendered by the chat template, up to the assistant's turn, as tokens."""
+        rendered = self._format(messages=[{"role": m.role, "content": m.content} for m in messages])
+        return self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=True, special=True)
 
-        def size(msgs: list[ChatMessage]) -> int:
-            return sum(self.count_tokens(m.content) + per_message_overhead for m in msgs)
+    def fit_context(self, messages: list[ChatMessage], max_tokens: int) -> list[int]:
+        """The prompt tokens of the newest turns that fit with room for `max_tokens` of reply.
 
-        while size(kept) > budget:
-            droppable = [i for i, m in enumerate(kept[:-1]) if m.role != "system"]
-            if not droppable:
-                break
-            del kept[droppable[0]]
-        return kept
+        The oldest turns go first (never the system prompt, never the last message); a reply
+        that would start a conversation is dropped with its question. If the system prompt and
+        the last message alone are still too long, the system prompt goes, then the start of the
+        last message: a long chat never fails, it forgets.
+        """
+        return fit_messages(self.prompt_tokens, self.count_tokens, messages, self.context_length - max_tokens)
 
     def stream(self, messages, settings, cancel=None):
-        max_tokens = min(settings.max_tokens, self.context_length // 2)
-        fitted = self.fit_context(messages, max_tokens)
-        chunks = self._llama.create_chat_completion(
-            messages=[{"role": m.role, "content": m.content} for m in fitted],
+        max_tokens = reply_budget(settings.max_tokens, self.context_length)
+        prompt = self.fit_context(messages, max_tokens)
+        max_tokens = min(settings.max_tokens, self.context_length - len(prompt))
+        if max_tokens <= 0 or (cancel is not None and cancel.is_set()):
+            return
+        chunks = self._llama.create_completion(
+            prompt=prompt,
             stream=True,
             temperature=settings.temperature,
             top_p=settings.top_p,
             repeat_penalty=settings.repeat_penalty,
             max_tokens=max_tokens,
-            stop=settings.stop or None,
+            stop=list(settings.stop) or None,
             seed=settings.seed,
         )
         try:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
                     break
-                piece = chunk["choices"][0]["delta"].get("content")
+                piece = chunk["choices"][0].get("text")
                 if piece:
                     yield piece
         finally:
-            close = getattr(chunks, "close", None)
-            if close:
-                close()
+            chunks.close()
 
     def close(self) -> None:
         llama = getattr(self, "_llama", None)
@@ -126,13 +143,69 @@ class LlamaCppEngine:
             self._llama = None
 
 
+# Used when a GGUF carries no template of its own (SmolLM2's format).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+MIN_REPLY_TOKENS = 64
+
+
+def reply_budget(max_tokens: int, context_length: int) -> int:
+    """Room kept for the reply when fitting the prompt: what was asked, at most half the window."""
+    return max(1, min(max_tokens, context_length // 2))
+
+
+def fit_messages(render, count, messages: list[ChatMessage], budget: int) -> list[int]:
+    """Tokens of the newest part of `messages` that `render` (messages -> tokens) fits in `budget`.
+
+    `count` (text -> token count) sizes the cut when a single message is longer than the window.
+    Shared by the engines so that every one of them forgets the same way.
+    """
+    kept = list(messages)
+    while True:
+        tokens = render(kept)
+        if len(tokens) <= budget:
+            return tokens
+        droppable = [i for i, m in enumerate(kept[:-1]) if m.role != "system"]
+        if droppable:
+            del kept[droppable[0]]
+            # Do not open a conversation with a reply whose question is gone.
+            while len(kept) > 1 and kept[0].role == "assistant" or (
+                len(kept) > 2 and kept[0].role == "system" and kept[1].role == "assistant"
+            ):
+                del kept[0 if kept[0].role == "assistant" else 1]
+            continue
+        if len(kept) > 1:
+            kept = kept[-1:]   # the system prompt alone is too long to keep
+            continue
+        last = kept[-1]
+        over = len(tokens) - budget
+        words = last.content
+        # Cut from the start of the message (its end is what the user just said).
+        cut = max(1, int(len(words) * over / max(1, count(words))) + 1)
+        if cut >= len(words):
+            return tokens[-budget:] if budget > 0 else []
+        kept = [ChatMessage(last.role, words[cut:])]
+
+
 def open_engine(model: str, context_length: int = 2048, threads: int = 0) -> ChatEngine:
-    """The engine that serves `model` (any reference the model store resolves)."""
-    from training.model_store import gguf_path, resolve
+    """The engine that serves `model` (any reference the model store resolves).
+
+    A GGUF file, or a personalised model with one beside it, goes to llama.cpp; models with
+    adapters that cannot be merged (PAC), PEFT adapters and plain Hugging Face folders go to the
+    torch engine.
+    """
+    from training.model_store import gguf_path, load_torch, resolve
 
     ref = resolve(model)
     if ref.kind == "gguf" or (ref.kind == "personal" and ref.path and any(ref.path.glob("*.gguf"))):
         return LlamaCppEngine(str(gguf_path(ref)), context_length, threads, ref.display_name)
-    from core.errors import HearthError
+    from training.torch_engine import PersonalLM, TorchEngine, open_personal_lm
 
-    raise HearthError(f"model {ref.display_name}: no GGUF to chat with yet (export it with `hearth export`)")
+    if ref.kind == "personal" and ref.personal is not None and ref.personal.format in ("pac", "peft"):
+        assert ref.path is not None
+        return TorchEngine(open_personal_lm(ref.path, ref.personal), ref.display_name, context_length, threads)
+    model_, tokenizer = load_torch(ref)
+    return TorchEngine(PersonalLM(model_, tokenizer), ref.display_name, context_length, threads)

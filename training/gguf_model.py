@@ -1,13 +1,13 @@
 """GGUF files into transformers models (weights dequantised), for training and the torch engine.
 
-Two readers, chosen by what the file holds:
-- Llama-architecture files with a SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`,
-  e.g. stories260K, Llama 2, TinyLlama) are read here: the weights with the `gguf` package into a
-  `LlamaForCausalLM`, the tokenizer built from the file's own `tokenizer.ggml.*` fields with the
-  `tokenizers` library. transformers' own GGUF conversion fails on some of these (stories260K: an
-  IndexError in the tokenizer conversion and a pad id of 4294967295).
-- Everything else (SmolLM2's GPT-2-style BPE vocabulary, other architectures) goes through
-  transformers' GGUF support.
+Plain Llama-architecture files (stories260K, SmolLM2, Llama 2, TinyLlama) are read here: the
+weights with the `gguf` package into a `LlamaForCausalLM` (about three times faster than
+transformers' conversion on SmolLM2-135M, same logits). Their tokenizer:
+- a SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`) is built here from the file's
+  own `tokenizer.ggml.*` fields with the `tokenizers` library; transformers' conversion fails on
+  some of these (stories260K: an IndexError, and a pad id of 4294967295);
+- a GPT-2-style BPE vocabulary (SmolLM2) comes from transformers' GGUF support.
+Other architectures go through transformers' GGUF support entirely.
 
 It does not write GGUF files (export does) and does not check that a file is complete
 (`training.model_store.check_gguf` does, before any reader sees it).
@@ -47,22 +47,22 @@ def load_gguf_model(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    if _field(reader, "general.architecture") == "llama" and _field(reader, "tokenizer.ggml.model") == "llama":
-        return read_llama_model(reader, torch_dtype), read_llama_tokenizer(reader)
-    return _load_with_transformers(path, torch_dtype)
+    if not is_plain_llama(reader):
+        return _load_with_transformers(path, torch_dtype)
+    model = read_llama_model(reader, torch_dtype)
+    if _field(reader, "tokenizer.ggml.model") == "llama":
+        return model, read_llama_tokenizer(reader)
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def _load_with_transformers(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
-    except (ValueError, KeyError, IndexError, NotImplementedError) as exc:
-        # transformers names unsupported architectures or quantisation types in the message.
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise HearthError(f"{path}: transformers cannot load this GGUF ({first})") from None
-    return model, tokenizer
+def is_plain_llama(reader: Any) -> bool:
+    """True when every tensor of the file has a place in a LlamaForCausalLM (no rope scaling
+    tensors, no other architecture): the files this module reads itself."""
+    return _field(reader, "general.architecture") == "llama" and all(
+        _hf_name(t.name) is not None for t in reader.tensors
+    )
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -105,7 +105,7 @@ def read_llama_tokenizer(reader: Any) -> Any:
             left, right = merged[:cut], merged[cut:]
             if left in mergeable and right in mergeable:
                 merges.append((-scores[vocab[merged]], vocab[left], vocab[right], left, right))
-    merges.sort()
+    merges.sort()  # highest score first, as llama.cpp picks them
 
     unk_id = _token_id(reader, "tokenizer.ggml.unknown_token_id", len(tokens))
     bos_id = _token_id(reader, "tokenizer.ggml.bos_token_id", len(tokens))
@@ -137,8 +137,8 @@ def read_llama_tokenizer(reader: Any) -> Any:
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True)) and bos_id is not None
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos_id is not None
     if add_bos or add_eos:
-        bos = [f"{tokens[bos_id]}"] if add_bos else []
-        eos = [f"{tokens[eos_id]}"] if add_eos else []
+        bos = [tokens[bos_id]] if add_bos else []
+        eos = [tokens[eos_id]] if add_eos else []
         specials = [(tokens[i], i) for i in {bos_id, eos_id} if i is not None]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=" ".join(bos + ["$A"] + eos),

@@ -52,11 +52,17 @@ def download(hub_id: str, progress: bool = True) -> Path:
 
     cache = hearth_paths().hub_cache_dir
     cache.mkdir(parents=True, exist_ok=True)
-    if not progress:
+    if progress:
+        # huggingface_hub hides its byte counters when stderr is not a terminal; a plain tqdm
+        # shows them anyway, so a download started from a script or the app's log shows progress.
+        from tqdm.auto import tqdm as progress_bar
+    else:
         huggingface_hub.utils.disable_progress_bars()
+        progress_bar = None
     where = constants.ENDPOINT
     try:
-        folder = Path(snapshot_download(hub_id, cache_dir=cache, allow_patterns=MODEL_FILES))
+        folder = Path(snapshot_download(hub_id, cache_dir=cache, allow_patterns=MODEL_FILES,
+                                        tqdm_class=progress_bar))
     except GatedRepoError:
         raise HearthError(f"{hub_id}: gated on the hub; accept its license there and log in (HF_TOKEN)") from None
     except DisabledRepoError:

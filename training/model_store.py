@@ -13,6 +13,7 @@ to float32).
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -138,30 +139,125 @@ def _downloaded_hub_dir(hub_id: str) -> Path | None:
 
 
 def check_gguf(path: Path) -> None:
-    """Raise a one-line HearthError if `path` is not a complete, readable GGUF file."""
+    """Raise a one-line HearthError if `path` is not a complete, readable GGUF file.
+
+    Walks the header (metadata and tensor list) without loading any weights, so a file cut short
+    by a broken copy or download is reported as truncated, with the size it should have.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as exc:
         raise HearthError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise HearthError(f"{path}: not a GGUF file (bad magic bytes)")
-    version = struct.unpack("<I", head[4:8])[0]
-    if version not in (2, 3):
-        raise HearthError(f"{path}: unsupported GGUF version {version}")
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors ...
-        raise HearthError(f"{path}: corrupt GGUF ({_short(exc)})") from None
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise HearthError(
-                f"{path}: truncated GGUF (tensor {tensor.name} needs {end} bytes, file has {size})"
-            )
+        if len(data) < 8 or data[:4] != b"GGUF":
+            raise HearthError(f"{path}: not a GGUF file (bad magic bytes)")
+        version = struct.unpack_from("<I", data, 4)[0]
+        if version not in (2, 3):
+            raise HearthError(f"{path}: unsupported GGUF version {version}")
+        try:
+            needed = _GGUFWalker(data).expected_size()
+        except _Truncated as exc:
+            raise HearthError(f"{path}: truncated GGUF (the file ends inside the {exc}, at {size} bytes)") from None
+        except _Corrupt as exc:
+            raise HearthError(f"{path}: corrupt GGUF ({exc})") from None
+        if needed > size:
+            raise HearthError(f"{path}: truncated GGUF (needs {needed} bytes, the file has {size})")
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Corrupt(Exception):
+    pass
+
+
+# Sizes of GGUF's fixed-size metadata value types (the format's type ids).
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# A count or length beyond this is garbage, not a big model; smaller ones that run past the end of
+# the file are reported as truncation.
+_IMPLAUSIBLE = 1 << 34
+
+
+class _GGUFWalker:
+    """Reads just enough of a GGUF header to know how long the file must be."""
+
+    def __init__(self, data):
+        self.data = data
+        self.pos = 8
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > len(self.data):
+            raise _Truncated(what)
+        start = self.pos
+        self.pos += n
+        return start
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.data, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.data, self.take(8, what))[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(what)
+        if n > _IMPLAUSIBLE:
+            raise _Corrupt(f"a string in the {what} claims {n} bytes")
+        start = self.take(n, what)
+        return bytes(self.data[start:start + n])
+
+    def value(self, kind: int, what: str) -> None:
+        if kind in _GGUF_SCALARS:
+            self.take(_GGUF_SCALARS[kind], what)
+        elif kind == _GGUF_STRING:
+            self.string(what)
+        elif kind == _GGUF_ARRAY:
+            item, count = self.u32(what), self.u64(what)
+            if count > _IMPLAUSIBLE:
+                raise _Corrupt(f"{what} claims {count} items")
+            if item in _GGUF_SCALARS:
+                self.take(_GGUF_SCALARS[item] * count, what)
+            else:
+                for _ in range(count):
+                    self.value(item, what)
+        else:
+            raise _Corrupt(f"unknown value type {kind} in {what}")
+
+    def expected_size(self) -> int:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        n_tensors, n_kv = self.u64("header"), self.u64("header")
+        if n_tensors > _IMPLAUSIBLE or n_kv > _IMPLAUSIBLE:
+            raise _Corrupt(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
+        alignment = 32
+        for _ in range(n_kv):
+            key = self.string("metadata keys")
+            kind = self.u32("metadata keys")
+            start = self.pos
+            self.value(kind, f"metadata value {key.decode('utf-8', 'replace')[:60]}")
+            if key == b"general.alignment" and kind == 4:
+                alignment = struct.unpack_from("<I", self.data, start)[0] or 32
+        end = 0
+        for _ in range(n_tensors):
+            name = self.string("tensor list").decode("utf-8", "replace")[:80]
+            dims = [self.u64("tensor list") for _ in range(min(self.u32("tensor list"), 8))]
+            kind, offset = self.u32("tensor list"), self.u64("tensor list")
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise _Corrupt(f"tensor {name} has unknown type {kind}") from None
+            count = 1
+            for d in dims:
+                count *= d
+            end = max(end, offset + count // block * block_bytes)
+        data_start = -(-self.pos // alignment) * alignment
+        return data_start + end
 
 
 def _short(exc: BaseException) -> str:
@@ -198,12 +294,22 @@ def gguf_path(ref: ModelRef) -> Path:
 
 
 def load_torch(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
-    """A transformers causal LM and its tokenizer for this reference (frozen, eval mode)."""
+    """A transformers causal LM (eval mode; which weights train is the trainer's choice) and its
+    tokenizer for this reference."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = ensure_local(ref)
     torch_dtype = getattr(torch, dtype)
+    if ref.kind == "personal" and ref.path is not None and not (ref.path / "config.json").is_file():
+        ggufs = sorted(ref.path.glob("*.gguf"))
+        if not ggufs:
+            form = ref.personal.format if ref.personal else "?"
+            raise HearthError(
+                f"model {ref.display_name} holds '{form}' adapters, not plain weights: load it with "
+                "training.merge (LoRA) or the torch engine (parallel adapters)"
+            )
+        ref = ModelRef(ref.text, "gguf", ggufs[0], personal=ref.personal)
     if ref.kind == "gguf":
         assert ref.path is not None
         check_gguf(ref.path)
@@ -212,11 +318,6 @@ def load_torch(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
         model, tokenizer = load_gguf_model(ref.path, torch_dtype)
     elif ref.kind in ("hf_dir", "personal"):
         assert ref.path is not None
-        if ref.kind == "personal" and not (ref.path / "config.json").is_file():
-            raise HearthError(
-                f"model {ref.display_name} is stored as '{ref.personal.format if ref.personal else '?'}' "
-                "adapters: load it through training.personal (not plain weights)"
-            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(ref.path)
             model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype)

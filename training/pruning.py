@@ -157,7 +157,9 @@ def activation_importance(model: Any, batches: Iterable[dict[str, torch.Tensor]]
             for batch in batches:
                 mask = batch.get("attention_mask")
                 mask_box[0] = mask.float() if mask is not None else None
-                model(input_ids=batch["input_ids"], attention_mask=mask)
+                # The decoder stack only: the LM head's logits are not needed and cost 40% of the work.
+                backbone = getattr(model, "model", model)
+                backbone(input_ids=batch["input_ids"], attention_mask=mask)
                 seen += 1
     finally:
         for h in hooks:
@@ -297,7 +299,7 @@ def plan_pruning(
 
 def _closest_count(total: int, ratio: float, keep_at_least: int) -> int:
     """How many of `total` units to drop so the dropped fraction is closest to `ratio` (ties: fewer)."""
-    best = min(range(total - keep_at_least + 1), key=lambda k: (abs(k / total - ratio), k))
+    best = min(range(total - keep_at_least + 1), key=lambda k: (round(abs(k / total - ratio), 9), k))
     return best
 
 
@@ -386,6 +388,12 @@ def write_hf_folder(model: Any, tokenizer: Any, folder: Path, dtype: str = "floa
     and an f16 GGUF export then holds exactly these weights.
     """
     model = model.to(getattr(torch, dtype))
+    # A model loaded from a GGUF file holds plain dequantised weights; transformers still marks it
+    # as "quantised with gguf" and would refuse to save it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.tie_word_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
@@ -393,3 +401,91 @@ def write_hf_folder(model: Any, tokenizer: Any, folder: Path, dtype: str = "floa
     config = json.loads(config_path.read_text("utf-8"))
     if config.get("head_dim") is None:
         raise HearthError(f"{config_path}: pruned config lacks head_dim")
+
+
+# --- one call for the command line ------------------------------------------------------------
+
+@dataclass
+class PruneResult:
+    name: str
+    folder: Path
+    plan: PrunePlan
+    parameters_before: int
+    parameters_after: int
+
+
+CALIBRATION_EXAMPLES = 64   # enough for stable activation statistics, a few seconds on a laptop
+
+
+def calibration_batches(path: Path, tokenizer: Any, examples: int = CALIBRATION_EXAMPLES,
+                        batch_size: int = 4, max_length: int = 256) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of the first `examples` samples of a training-data file (training.data)."""
+    from training.data import collate, load_examples
+
+    samples = load_examples(Path(path), tokenizer, max_length)[:examples]
+    if not samples:
+        raise HearthError(f"{path}: no calibration samples")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [vars(collate(samples[i:i + batch_size], pad)) for i in range(0, len(samples), batch_size)]
+
+
+def prune_to_store(model_text: str, ratio: float, name: str, data: Path | None = None,
+                   granularity: str = "query") -> PruneResult:
+    """Prune a model and save it as a personalised model (format "hf") named `name`.
+
+    Importance comes from calibration activations over `data`, or from weight magnitudes when no
+    data is given. The folder is written atomically; an existing model of that name is replaced.
+    """
+    import re
+    from datetime import datetime, timezone
+
+    from core.atomic import atomic_dir, atomic_write_text
+    from core.paths import hearth_paths
+    from training.merge import merged_model
+    from training.model_store import MANIFEST, PersonalModel, resolve
+
+    if not 0.0 <= ratio < 1.0:
+        raise HearthError(f"--ratio must be at least 0 and below 1, got {ratio}")
+    if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+        raise HearthError(f"--out {name!r}: a model name may hold letters, digits, '.', '_' and '-' only")
+    ref = resolve(model_text)
+    if _is_catalog_name(name):
+        raise HearthError(f"--out {name!r} is a catalog model's name: choose another")
+    model, tokenizer = merged_model(ref)
+    before = parameter_count(model)
+    if data is not None:
+        scores = activation_importance(model, calibration_batches(Path(data), tokenizer))
+    else:
+        scores = magnitude_importance(model)
+    plan = prune(model, scores, ratio, granularity)
+    after = parameter_count(model)
+    folder = hearth_paths().models_dir / name
+    manifest = PersonalModel(
+        name=name,
+        base=ref.personal.base if ref.personal else model_text,
+        method="pruned",
+        format="hf",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        pruning_ratio=ratio,
+        parameters=after,
+        details={
+            "pruned_from": model_text,
+            "head_ratio": round(plan.head_ratio, 4),
+            "channel_ratio": round(plan.channel_ratio, 4),
+            "parameters_removed": round(1.0 - after / before, 4),
+            "granularity": granularity,
+            "importance": scores.source,
+            "attention_heads": model.config.num_attention_heads,
+            "intermediate_size": model.config.intermediate_size,
+        },
+    )
+    with atomic_dir(folder) as tmp:
+        write_hf_folder(model, tokenizer, tmp)
+        atomic_write_text(tmp / MANIFEST, manifest.to_json() + "\n")
+    return PruneResult(name, folder, plan, before, after)
+
+
+def _is_catalog_name(name: str) -> bool:
+    from training.catalog import find_entry
+
+    return find_entry(name) is not None

@@ -1,0 +1,47 @@
+"""`hearth prune MODEL --ratio R [--data PATH] --out NAME`: a smaller model, heads and channels removed.
+
+The result is a personalised model (plain safetensors + config) that transformers loads with no
+custom code; export it with `hearth export NAME --gguf` to chat with it through llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prune", help="remove attention heads and MLP channels (structured pruning)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("model", help="model to prune (catalog name, personalised model, .gguf or folder)")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of heads and channels to remove, e.g. 0.3")
+    p.add_argument("--data", help="calibration data (JSONL or notes folder); without it, weight magnitudes decide")
+    p.add_argument("--out", required=True, help="name of the pruned model")
+    p.add_argument("--granularity", choices=("query", "group"), default="query",
+                   help="query heads within KV groups (default) or whole KV groups")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from training.pruning import prune_to_store
+
+    result = prune_to_store(args.model, args.ratio, args.out, Path(args.data) if args.data else None, args.granularity)
+    summary = {
+        "name": result.name,
+        "path": str(result.folder),
+        "heads_removed": round(result.plan.head_ratio, 4),
+        "channels_removed": round(result.plan.channel_ratio, 4),
+        "parameters_before": result.parameters_before,
+        "parameters_after": result.parameters_after,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"pruned {args.model} -> {result.name}: {summary['heads_removed']:.0%} of heads, "
+              f"{summary['channels_removed']:.0%} of MLP channels removed, "
+              f"{result.parameters_before / 1e6:.1f}M -> {result.parameters_after / 1e6:.1f}M parameters")
+        print(result.folder)
+    return 0

@@ -1,0 +1,102 @@
+"""`hearth train`: personalise a model on your own data (PAC side chain or PEFT LoRA).
+
+A progress bar on a terminal; with --json, one JSON object per line (phase, step, total_steps,
+epoch, loss, samples_per_s, eta_s), the last one with phase "done". After a crash or a kill,
+the same command with --resume carries on from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="personalise a model on your data (PAC or LoRA)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True,
+                   help="JSONL of chats (messages), prompt/response pairs or '### Human:' text; or a folder of .txt/.md notes")
+    p.add_argument("--method", choices=["pac", "lora"], default="pac",
+                   help="pac: parallel adapters with an activation cache (fast); lora: PEFT LoRA (mergeable)")
+    p.add_argument("--model", default=None, help="base model (default: the catalog's default)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 25 for pac, 12 for lora)")
+    p.add_argument("--out", required=True, help="name of the personalised model (see `hearth models list`)")
+    p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
+                   help="load the frozen backbone quantised (bitsandbytes) to save memory")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3 pac, 4e-4 lora)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per step (default 4)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, all linear layers)")
+    p.add_argument("--no-cache", action="store_true", help="PAC: run the backbone every epoch instead of caching")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job with the same --out")
+    p.add_argument("--json", action="store_true", help="JSON progress events, one per line")
+    p.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
+                   help="checkpoint at least this often (and at every epoch's end); default 30")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import re
+
+    from core.errors import HearthError
+
+    if not re.fullmatch(r"[\w.-]+", args.out) or args.out.startswith("."):
+        raise HearthError(f"--out: '{args.out}' is not a valid model name (letters, digits, '.', '-', '_')")
+    from training.catalog import DEFAULT_MODEL
+    from training.job import DEFAULT_EPOCHS, JobSpec
+    from training.trainer import train
+
+    spec = JobSpec(
+        name=args.out, data=str(args.data), model=args.model or DEFAULT_MODEL, method=args.method,
+        epochs=args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.method],
+        quant=args.quant, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        cache=not args.no_cache, lora_rank=args.rank,
+    )
+    report = _JsonReport() if args.json else _BarReport()
+    try:
+        result = train(spec, resume=args.resume, on_event=report, checkpoint_every_s=args.checkpoint_every)
+    finally:
+        report.close()
+    if not args.json:
+        loss = f"{result.final_loss:.3f}" if result.final_loss is not None else "?"
+        print(f"Trained {spec.name} ({spec.method}, {result.steps} steps, final loss {loss}) in "
+              f"{result.wall_s:.0f} s: chat with `hearth chat --model {spec.name}`", file=sys.stderr)
+    return 0
+
+
+class _JsonReport:
+    def __call__(self, event) -> None:
+        print(event.to_json(), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _BarReport:
+    """tqdm on a terminal; a line per epoch otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+        self.last_epoch = 0
+
+    def __call__(self, event) -> None:
+        if event.phase in ("load", "cache"):
+            print(event.message, file=sys.stderr, flush=True)
+            return
+        if event.phase != "train":
+            return
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step", file=sys.stderr)
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}")
+        elif event.epoch != self.last_epoch and event.step % max(1, event.total_steps // 20) == 0:
+            print(f"step {event.step}/{event.total_steps} epoch {event.epoch} loss {event.loss:.3f}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,18 @@
+"""`hearth` with no command: open the app (app/hearth_app.py) on this device's services."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("app", help="open the app (the same as `hearth` with no command)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.hearth_app import HearthApp
+    from app.services import build_services
+
+    services = build_services()
+    HearthApp(services).run()
+    return 0

@@ -1,0 +1,182 @@
+"""The Hearth app: four modes (Chat, Devices, Train, Models), each its own screen stack.
+
+The app receives its services (app/services) in its constructor and hands each screen the ones it
+needs. It starts the mesh and decides whether to show the first-run guide in workers, after the
+first frame, so it opens at once; models load lazily in the Chat screen's worker. An incoming
+pairing request pops up over whatever screen is showing.
+"""
+
+from __future__ import annotations
+
+import os
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding
+from textual.command import Hit, Hits, Provider
+from textual.screen import Screen
+
+from app.messages import PairingRequested
+from app.services import Services
+
+MODES = ("chat", "devices", "train", "models")
+
+# Binding ids a user may remap in the config's [keys] section (action = "key").
+REMAPPABLE = (
+    "quit", "chat", "devices", "train", "models", "palette",
+    "stop", "new_chat", "regenerate", "teach", "copy", "copy_code", "export", "system_prompt",
+    "pair", "unpair", "refresh", "start", "cancel", "resume", "set_active", "export_gguf", "delete",
+)
+
+
+class ScreenCommands(Provider):
+    """The palette offers the commands of the screen on show, and the mode switches."""
+
+    def _commands(self) -> list[tuple[str, str, object]]:
+        app = self.app
+        commands: list[tuple[str, str, object]] = []
+        screen = app.screen
+        # A modal over a mode screen: offer the mode screen's commands.
+        for candidate in reversed(app.screen_stack):
+            if hasattr(candidate, "palette_commands"):
+                screen = candidate
+                break
+        if hasattr(screen, "palette_commands"):
+            commands += screen.palette_commands()
+        for mode in MODES:
+            commands.append((f"Go to {mode.title()}", f"switch to the {mode} screen",
+                             lambda mode=mode: app.switch_mode(mode)))
+        return commands
+
+    async def discover(self) -> Hits:
+        for title, help_text, callback in self._commands():
+            yield Hit(1.0, title, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, callback in self._commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), callback, help=help_text)
+
+
+class HearthApp(App):
+    TITLE = "Hearth"
+    CSS_PATH = "styles/app.tcss"
+    COMMANDS = {ScreenCommands}
+    ENABLE_COMMAND_PALETTE = True
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("f1", "switch_mode('chat')", "Chat", id="chat"),
+        Binding("f2", "switch_mode('devices')", "Devices", id="devices"),
+        Binding("f3", "switch_mode('train')", "Train", id="train"),
+        Binding("f4", "switch_mode('models')", "Models", id="models"),
+        Binding("ctrl+p", "command_palette", "Commands", id="palette", priority=True),
+    ]
+
+    def __init__(self, services: Services, start_mesh: bool = True, theme: str | None = None) -> None:
+        super().__init__()
+        self.services = services
+        self.start_mesh = start_mesh
+        self._theme_choice = theme
+        self.first_run: bool | None = None  # known once the startup worker has looked
+        self.add_mode("chat", self._chat_screen)
+        self.add_mode("devices", self._devices_screen)
+        self.add_mode("train", self._train_screen)
+        self.add_mode("models", self._models_screen)
+        self.set_keymap(keymap_from_config(services.config.section("keys")))
+
+    def _chat_screen(self) -> Screen:
+        from app.screens.chat import ChatScreen
+
+        return ChatScreen(self.services.chat)
+
+    def _devices_screen(self) -> Screen:
+        from app.screens.devices import DevicesScreen
+
+        return DevicesScreen(self.services.devices)
+
+    def _train_screen(self) -> Screen:
+        from app.screens.train import TrainScreen
+
+        return TrainScreen(self.services.train, self.services.models, self.services.devices)
+
+    def _models_screen(self) -> Screen:
+        from app.screens.models import ModelsScreen
+
+        return ModelsScreen(self.services.models)
+
+    def on_mount(self) -> None:
+        self.theme = choose_theme(self._theme_choice or str(self.services.config.section("app").get("theme", "auto")))
+        self.services.devices.on_pairing_request(lambda request: self.post_message(PairingRequested(request)))
+        self.switch_mode("chat")
+        self._first_run_check()
+        if self.start_mesh:
+            self._start_mesh()
+
+    @work(thread=True, exit_on_error=False, group="startup")
+    def _first_run_check(self) -> None:
+        """With no paired device and no personalised model, the chat shows the three steps."""
+        first_run = self.services.devices.paired_count() == 0 and self.services.models.personal_count() == 0
+        self.call_from_thread(self._show_guide, first_run)
+
+    def _show_guide(self, visible: bool) -> None:
+        from app.screens.chat import ChatScreen
+
+        self.first_run = visible
+        for screen in self.screen_stack:
+            if isinstance(screen, ChatScreen) and screen.is_mounted:
+                screen.set_guide(visible)
+
+    @work(thread=True, exit_on_error=False, group="mesh")
+    def _start_mesh(self) -> None:
+        self.services.devices.start()
+
+    @on(PairingRequested)
+    def _pairing_requested(self, message: PairingRequested) -> None:
+        from app.widgets.dialogs import PairingDialog
+
+        request = message.request
+
+        def decided(accepted: bool | None) -> None:
+            if accepted:
+                request.accept()
+                self.notify(f"Paired with {request.peer_name}.", title="Pairing")
+            else:
+                request.reject()
+                self.notify(f"Pairing with {request.peer_name} rejected.", title="Pairing")
+
+        self.push_screen(PairingDialog(
+            "A device asks to pair with this one",
+            f"{request.peer_name} ({request.peer_kind}, {request.address})",
+            request.code, request.grant), decided)
+
+    def on_unmount(self) -> None:
+        self.services.close()
+
+
+def keymap_from_config(keys: dict[str, str]) -> dict[str, str]:
+    """The config's [keys] (action = "key") as a Textual keymap; unknown actions are refused."""
+    from core.errors import HearthError
+
+    keymap = {}
+    for action, key in keys.items():
+        if action not in REMAPPABLE:
+            raise HearthError(f"config.toml: keys.{action} is not an action of the app "
+                              f"(one of: {', '.join(REMAPPABLE)})")
+        keymap[action] = key
+    return keymap
+
+
+def choose_theme(choice: str) -> str:
+    """The Textual theme: "auto" follows the terminal's light/dark preference (COLORFGBG)."""
+    if choice == "light":
+        return "textual-light"
+    if choice == "dark":
+        return "textual-dark"
+    if choice != "auto":
+        return choice
+    # COLORFGBG="fg;bg" (xterm, rxvt, konsole, iTerm...): a background colour 7 or 9-15 is light.
+    background = os.environ.get("COLORFGBG", "").split(";")[-1]
+    if background.isdigit() and (int(background) == 7 or 9 <= int(background) <= 15):
+        return "textual-light"
+    return "textual-dark"

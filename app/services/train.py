@@ -1,0 +1,170 @@
+"""Training as the app runs it: a plan from the form, a job on training/trainer.py, progress out.
+
+`TrainService.run(plan, on_status, cancel)` turns the Train screen's choices into a
+`training.job.JobSpec`, runs `training.trainer.train` and reports a `TrainStatus` (per-device
+progress, the loss curve, samples/s, ETA) on every progress event. Cancelling stops the job at
+its next step; its last checkpoint stays, so `resume` carries on from there. It blocks (minutes):
+the app calls it from a worker thread. torch loads inside `run`, never at import. No UI code here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import HearthError
+from core.paths import hearth_paths
+
+METHODS = {"pac": "parallel adapters (fast, small)", "lora": "LoRA adapters"}
+
+
+@dataclass
+class TrainPlan:
+    name: str
+    data: str                    # a JSONL of chats, a folder of notes, or the taught chats file
+    model: str
+    method: str = "pac"
+    epochs: int = 3
+    devices: list[str] = field(default_factory=list)   # names of the devices that train; [] = this one
+    pruning: float = 0.0         # fraction of the base to remove (0: none)
+    max_steps: int | None = None
+
+
+@dataclass
+class DeviceProgress:
+    name: str
+    step: int
+    total: int
+
+
+@dataclass
+class TrainStatus:
+    phase: str                   # load, cache, train, save, done
+    devices: list[DeviceProgress]
+    losses: list[float]
+    epoch: int = 0
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+
+@dataclass
+class InterruptedJob:
+    name: str
+    model: str
+    method: str
+    data: str
+    step: int
+    epochs: int
+
+
+class TrainCancelled(HearthError):
+    pass
+
+
+def where_data_goes(plan: TrainPlan, this_device: str) -> str:
+    """One plain sentence on where the training data will be, before anything starts."""
+    others = [d for d in plan.devices if d != this_device]
+    if not others:
+        return (f"Your data ({Path(plan.data).name or 'none chosen'}) stays on this device ({this_device}): "
+                "it is read here and nothing is sent anywhere.")
+    return (f"Your data ({Path(plan.data).name}) is read on this device and sent, encrypted, only to your "
+            f"paired device(s) {', '.join(others)} for this job; nothing goes to any other machine.")
+
+
+class TrainService:
+    def __init__(self, this_device: str = ""):
+        self.this_device = this_device or os.uname().nodename
+
+    def default_data(self) -> str:
+        """The chats taught in the app, if there are any."""
+        taught = hearth_paths().teach_file
+        return str(taught) if taught.is_file() else ""
+
+    def check(self, plan: TrainPlan) -> None:
+        """A one-line HearthError for a plan that cannot start (before anything loads)."""
+        if not plan.name or not plan.name.replace("-", "").replace("_", "").isalnum():
+            raise HearthError("name: letters, digits, - and _ only")
+        if not plan.data:
+            raise HearthError("data: choose a JSONL of chats or a folder of notes")
+        if not Path(plan.data).expanduser().exists():
+            raise HearthError(f"{plan.data}: no such file or folder")
+        if plan.method not in METHODS:
+            raise HearthError(f"method must be one of {', '.join(METHODS)}")
+        if not 1 <= plan.epochs <= 100:
+            raise HearthError("epochs must be between 1 and 100")
+        if not 0.0 <= plan.pruning < 0.9:
+            raise HearthError("pruning must be between 0% and 90%")
+        others = [d for d in plan.devices if d != self.this_device]
+        if others:
+            raise HearthError(
+                f"training across devices ({', '.join(others)}) is not available from the app yet: "
+                "choose this device only"
+            )
+
+    def interrupted_jobs(self) -> list[InterruptedJob]:
+        """Jobs with a checkpoint left behind (cancelled or killed), newest first."""
+        root = hearth_paths().jobs_dir
+        found = []
+        for meta in sorted(root.glob("*/checkpoint.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                data = json.loads(meta.read_text("utf-8"))
+                spec = data["spec"]
+                found.append(InterruptedJob(spec["name"], spec["model"], spec["method"], spec["data"],
+                                            int(data["step"]), int(spec["epochs"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def run(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None],
+            cancel: threading.Event | None = None, resume: bool = False) -> str:
+        """Train (or resume) `plan`; returns the personalised model's name. Raises TrainCancelled."""
+        from training.job import JobSpec
+        from training.trainer import train
+
+        self.check(plan)
+        if resume:
+            spec = self._interrupted_spec(plan.name)
+        else:
+            spec = JobSpec(name=plan.name, data=str(Path(plan.data).expanduser()), model=plan.model,
+                           method=plan.method, epochs=plan.epochs, max_steps=plan.max_steps)
+        losses: list[float] = []
+
+        def on_event(event) -> None:
+            if cancel is not None and cancel.is_set():
+                raise TrainCancelled(f"job {spec.name} cancelled at step {event.step}: resume it to carry on")
+            if event.loss is not None and event.phase == "train":
+                losses.append(float(event.loss))
+            on_status(TrainStatus(
+                event.phase, [DeviceProgress(self.this_device, event.step, event.total_steps)], list(losses),
+                event.epoch, event.samples_per_s, event.eta_s, event.message,
+            ))
+
+        result = train(spec, resume=resume, on_event=on_event)
+        name = spec.name
+        if plan.pruning > 0 and not resume:
+            name = self._prune(plan, on_status, losses)
+        del result
+        return name
+
+    def _prune(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None], losses: list[float]) -> str:
+        from training.pruning import prune_to_store
+
+        pruned = f"{plan.name}-pruned"
+        on_status(TrainStatus("prune", [DeviceProgress(self.this_device, 0, 1)], losses,
+                              message=f"pruning {plan.pruning:.0%} of {plan.name}"))
+        prune_to_store(plan.name, plan.pruning, pruned, Path(plan.data).expanduser())
+        return pruned
+
+    def _interrupted_spec(self, name: str):
+        from training.job import JobSpec
+
+        meta = hearth_paths().jobs_dir / name / "checkpoint.json"
+        try:
+            return JobSpec.from_dict(json.loads(meta.read_text("utf-8"))["spec"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise HearthError(f"{meta}: no interrupted job called {name} to resume") from None

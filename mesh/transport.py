@@ -1,0 +1,382 @@
+"""Secure connections between devices: mutual TLS 1.3, frames, request/response, heartbeats.
+
+Every connection starts with a 6-byte prelude in the clear, `HRTH` + version + mode:
+
+- mode `M` (mesh): mutual TLS 1.3 follows. The server trusts only the certificates of its
+  trust store, the client only the one pinned certificate of the device it dials. Both are
+  enforced by OpenSSL inside the handshake (CERT_REQUIRED, the pinned certificates as the only
+  CAs; every Hearth certificate is self-signed, so only the holder of that key can pass), and the
+  exact DER fingerprint is compared again right after the handshake, before any application
+  byte is sent. An unpaired or impostor certificate never gets to send a frame.
+- mode `P` (pairing): the client's certificate (DER, u16 length first) follows the prelude, then
+  mutual TLS where the server trusts only that certificate and the client trusts nothing yet.
+  Both sides have proved they hold their keys; pairing.py binds the two fingerprints into the
+  code. Python's ssl cannot accept an unknown client certificate, hence the certificate in the
+  prelude; it is public anyway.
+
+A Connection runs one reader thread (responses go to waiting callers by id, requests go to the
+handler registry) and one heartbeat thread; a peer that sends nothing for `3 * heartbeat_s` is
+dropped. This module knows nothing about pairing or discovery.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import ConnectionClosed, FrameError, PeerRefused, RemoteError, RequestTimeout
+from mesh.frames import DEFAULT_MAX_FRAME, PREFIX, Frame, decode_body, decode_prefix, encode_frame
+from mesh.identity import Identity, der_to_pem, device_id_of
+
+log = logging.getLogger("hearth.mesh")
+
+MAGIC = b"HRTH"
+VERSION = 1
+MODE_MESH = b"M"
+MODE_PAIR = b"P"
+MAX_CERT = 8192
+HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_HEARTBEAT = 5.0
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """Who is at the other end, as the TLS handshake proved it."""
+
+    device_id: str
+    name: str
+    cert_der: bytes
+    address: str
+
+
+@dataclass
+class Reply:
+    """What a request gets back: fields, and tensors or raw bytes."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, Any] | None = None
+    data: bytes | None = None
+
+
+# --- TLS contexts ---------------------------------------------------------------------------
+
+def _base_context(server: bool, identity: Identity) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # identities are certificates, not host names
+    ctx.load_cert_chain(identity.cert_path, identity.key_path)
+    if server:
+        ctx.num_tickets = 0  # no session resumption: every connection proves its key again
+    return ctx
+
+
+def server_context(identity: Identity, trusted_pem: str) -> ssl.SSLContext:
+    """The mesh server's context: a client must present one of `trusted_pem`'s certificates."""
+    ctx = _base_context(True, identity)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if trusted_pem:
+        ctx.load_verify_locations(cadata=trusted_pem)
+    return ctx
+
+
+def client_context(identity: Identity, pinned_der: bytes | None) -> ssl.SSLContext:
+    """A client context trusting only `pinned_der` (None: trusts nothing, for pairing)."""
+    ctx = _base_context(False, identity)
+    if pinned_der is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=der_to_pem(pinned_der))
+    return ctx
+
+
+def prelude(mode: bytes, cert_der: bytes | None = None) -> bytes:
+    head = MAGIC + bytes([VERSION]) + mode
+    if mode == MODE_PAIR:
+        assert cert_der is not None
+        head += struct.pack(">H", len(cert_der)) + cert_der
+    return head
+
+
+def read_prelude(sock: socket.socket) -> tuple[bytes, bytes | None]:
+    """(mode, client certificate for pairing) from a fresh plain socket; FrameError if malformed."""
+    head = _recv_plain(sock, 6)
+    if head[:4] != MAGIC or head[4] != VERSION or head[5:6] not in (MODE_MESH, MODE_PAIR):
+        raise FrameError("not a Hearth connection (bad prelude)")
+    mode = head[5:6]
+    if mode == MODE_MESH:
+        return mode, None
+    (length,) = struct.unpack(">H", _recv_plain(sock, 2))
+    if not 0 < length <= MAX_CERT:
+        raise FrameError(f"pairing certificate of {length} bytes is out of range")
+    cert = _recv_plain(sock, length)
+    try:
+        ssl.DER_cert_to_PEM_cert(cert)
+        from cryptography import x509
+
+        x509.load_der_x509_certificate(cert)
+    except Exception:
+        raise FrameError("pairing certificate is not a valid DER certificate") from None
+    return mode, cert
+
+
+def _recv_plain(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise FrameError("connection closed during the prelude")
+        buf += chunk
+    return buf
+
+
+# --- dialling ---------------------------------------------------------------------------------
+
+def dial_mesh(identity: Identity, pinned_der: bytes, address: str, port: int,
+              timeout: float = HANDSHAKE_TIMEOUT) -> tuple[ssl.SSLSocket, PeerInfo]:
+    """A mutual-TLS socket to the device holding `pinned_der`; PeerRefused if it is not that one."""
+    raw = socket.create_connection((address, port), timeout=timeout)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        raw.sendall(prelude(MODE_MESH))
+        sock = client_context(identity, pinned_der).wrap_socket(raw, do_handshake_on_connect=False)
+        _handshake(sock, address)
+    except BaseException:
+        raw.close()
+        raise
+    got = sock.getpeercert(binary_form=True)
+    if got != pinned_der:  # second, exact check: the pinned bytes themselves, not just the key
+        sock.close()
+        raise PeerRefused(f"{address}:{port} presented a certificate other than the paired one")
+    return sock, PeerInfo(device_id_of(got), "", got, address)
+
+
+def dial_pairing(identity: Identity, address: str, port: int,
+                 timeout: float = HANDSHAKE_TIMEOUT) -> tuple[ssl.SSLSocket, bytes]:
+    """A TLS socket for pairing and the server's (not yet trusted) certificate."""
+    raw = socket.create_connection((address, port), timeout=timeout)
+    try:
+        raw.sendall(prelude(MODE_PAIR, identity.cert_der))
+        sock = client_context(identity, None).wrap_socket(raw, do_handshake_on_connect=False)
+        _handshake(sock, address)
+    except BaseException:
+        raw.close()
+        raise
+    return sock, sock.getpeercert(binary_form=True)
+
+
+def _handshake(sock: ssl.SSLSocket, address: str) -> None:
+    try:
+        sock.do_handshake()
+    except ssl.SSLError as exc:
+        raise PeerRefused(f"TLS handshake with {address} failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise PeerRefused(f"TLS handshake with {address} failed: {exc}") from None
+
+
+def accept_tls(raw: socket.socket, ctx: ssl.SSLContext, address: str) -> ssl.SSLSocket:
+    """Server side of the handshake; PeerRefused (the socket closed) when the client fails it."""
+    sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+    try:
+        _handshake(sock, address)
+    except PeerRefused:
+        sock.close()
+        raise
+    return sock
+
+
+# --- connections ------------------------------------------------------------------------------
+
+class _Pending:
+    __slots__ = ("event", "frame")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.frame: Frame | None = None
+
+
+class Connection:
+    """A framed, authenticated connection: requests both ways, heartbeats, a frame size limit.
+
+    `on_request(conn, frame)` is called on the reader thread for each incoming request; it must
+    not block (the handler registry hands work to a thread pool).
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, peer: PeerInfo,
+                 on_request: Callable[["Connection", Frame], None] | None = None,
+                 max_frame: int = DEFAULT_MAX_FRAME, heartbeat_s: float = DEFAULT_HEARTBEAT):
+        self.sock = sock
+        self.peer = peer
+        self.on_request = on_request
+        self.max_frame = max_frame
+        self.heartbeat_s = heartbeat_s
+        self.closed = threading.Event()
+        self.close_reason = ""
+        self.refused = False
+        self.on_close: list[Callable[["Connection"], None]] = []
+        self._send_lock = threading.RLock()
+        self._pending: dict[int, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._last_sent = time.monotonic()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "Connection":
+        # Silence for three heartbeats means the peer is gone.
+        self.sock.settimeout(self.heartbeat_s * 3)
+        for target, name in ((self._read_loop, "reader"), (self._heartbeat_loop, "heartbeat")):
+            thread = threading.Thread(target=target, name=f"mesh-{name}-{self.peer.address}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    # sending
+
+    def send(self, frame: Frame) -> None:
+        parts = encode_frame(frame, self.max_frame)
+        with self._send_lock:
+            if self.closed.is_set():
+                if self.refused:
+                    raise PeerRefused(f"{self._who()} {self.close_reason}")
+                raise ConnectionClosed(f"connection to {self._who()} is closed: {self.close_reason}")
+            try:
+                for part in parts:
+                    if part:
+                        self.sock.sendall(part)
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                raise ConnectionClosed(f"connection to {self._who()} lost: {exc}") from None
+            self._last_sent = time.monotonic()
+
+    def request(self, type: str, fields: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None,
+                data: bytes | None = None, timeout: float = 30.0) -> Reply:
+        """Send a request and wait for its response; RemoteError if the peer answers an error."""
+        request_id = next(self._ids)
+        pending = _Pending()
+        with self._pending_lock:
+            self._pending[request_id] = pending
+        try:
+            self.send(Frame("req", type, request_id, dict(fields or {}), tensors, data))
+            if not pending.event.wait(timeout):
+                raise RequestTimeout(f"{type} to {self._who()}: no response in {timeout:g} s")
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+        frame = pending.frame
+        if frame is None and self.refused:
+            raise PeerRefused(f"{self._who()} {self.close_reason}")
+        if frame is None:
+            raise ConnectionClosed(f"connection to {self._who()} closed: {self.close_reason}")
+        if frame.kind == "err":
+            raise RemoteError(f"{self._who()} answered {type}: {frame.fields.get('message', 'error')}")
+        return Reply(frame.fields, frame.tensors, frame.data)
+
+    def reply(self, request: Frame, reply: Reply) -> None:
+        self.send(Frame("res", request.type, request.id, reply.fields, reply.tensors, reply.data))
+
+    def reply_error(self, request: Frame, message: str) -> None:
+        self.send(Frame("err", request.type, request.id, {"message": message[:500]}))
+
+    # receiving
+
+    def _recv_exact(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            count = self.sock.recv_into(view[got:], n - got)
+            if count == 0:
+                raise ConnectionClosed("peer closed the connection")
+            got += count
+        return buf
+
+    def read_frame(self) -> Frame:
+        header_len, payload_len = decode_prefix(bytes(self._recv_exact(PREFIX.size)), self.max_frame)
+        header = self._recv_exact(header_len)
+        payload = self._recv_exact(payload_len) if payload_len else b""
+        return decode_body(bytes(header), payload)
+
+    def _read_loop(self) -> None:
+        reason = "closed"
+        try:
+            while not self.closed.is_set():
+                frame = self.read_frame()
+                if frame.kind == "hb":
+                    continue
+                if frame.kind == "req":
+                    if self.on_request is None:
+                        self.reply_error(frame, "this side serves no requests")
+                    else:
+                        self.on_request(self, frame)
+                    continue
+                with self._pending_lock:
+                    pending = self._pending.get(frame.id)
+                if pending is not None:
+                    pending.frame = frame
+                    pending.event.set()
+        except FrameError as exc:
+            reason = f"bad frame: {exc}"
+            log.warning("closing connection to %s: %s", self._who(), reason)
+        except socket.timeout:
+            reason = "peer stopped answering (no heartbeat)"
+        except ssl.SSLError as exc:
+            # In TLS 1.3 a server's refusal of our certificate arrives after our side of the
+            # handshake is done: it shows up here, on the first read.
+            reason = f"refused by the peer in the TLS handshake: {exc.reason or exc}"
+            self.refused = True
+        except (ConnectionClosed, OSError, ValueError) as exc:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            self.close(reason)
+
+    def _heartbeat_loop(self) -> None:
+        while not self.closed.wait(self.heartbeat_s / 2):
+            if time.monotonic() - self._last_sent >= self.heartbeat_s:
+                try:
+                    self.send(Frame("hb", "hb"))
+                except Exception:
+                    return
+
+    def close(self, reason: str = "closed") -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        # Shut the raw socket down first (SSLSocket.shutdown would drop the TLS object while a
+        # sender might still write), which wakes the reader and fails any blocked send; close
+        # under the send lock so no send can run on a half-closed TLS socket.
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._send_lock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        with self._pending_lock:
+            for pending in self._pending.values():
+                pending.event.set()
+        for callback in list(self.on_close):
+            try:
+                callback(self)
+            except Exception:
+                log.exception("on_close callback failed")
+
+    def _who(self) -> str:
+        return self.peer.name or self.peer.device_id[:7] or self.peer.address
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

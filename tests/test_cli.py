@@ -1,0 +1,81 @@
+"""The `hearth` command line: help, version, lazy imports, `models list`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app import __version__
+from app.cli import COMMAND_MODULES
+from training.catalog import DEFAULT_MODEL, load_catalog
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "llama_cpp", "textual", "zeroconf", "huggingface_hub", "numpy")
+
+
+def hearth(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", *args], env=dict(os.environ, HEARTH_HOME=str(home)),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_every_command(tmp_path: Path):
+    done = hearth("--help", home=tmp_path)
+    assert done.returncode == 0
+    for module in COMMAND_MODULES:
+        assert module.rsplit(".", 1)[1] in done.stdout
+    assert "chat" in done.stdout and "models" in done.stdout
+
+
+def test_version(tmp_path: Path):
+    done = hearth("--version", home=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"hearth {__version__}"
+
+
+def test_help_imports_nothing_heavy():
+    """`hearth --help` stays fast because building the parser loads no ML or network library."""
+    probe = (
+        "import sys\n"
+        "from app.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_models_list_json_shape(hearth_home: Path):
+    from core.paths import hearth_paths
+    from training.model_store import MANIFEST, PersonalModel
+
+    folder = hearth_paths().models_dir / "family"
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(
+        PersonalModel(name="family", base=DEFAULT_MODEL, method="pac", format="pac", parameters=135_000_000,
+                      pruning_ratio=0.25, created="2026-11-22T08:00:00Z").to_json(), "utf-8")
+
+    done = hearth("models", "list", "--json", home=hearth_home)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["models"]
+    base = [r for r in rows if r["type"] == "base"]
+    assert [r["name"] for r in base] == [e.name for e in load_catalog()]
+    base_keys = {"name", "type", "title", "parameters", "size_mb", "license", "min_memory_gb", "hub_id",
+                 "available", "path", "default"}
+    assert all(set(r) == base_keys for r in base)
+    default = next(r for r in base if r["default"])
+    assert default["name"] == DEFAULT_MODEL and default["available"] and default["path"].endswith(".gguf")
+    assert all(not r["available"] and r["path"] is None for r in base if r["name"] != DEFAULT_MODEL)
+    personal = [r for r in rows if r["type"] == "personal"]
+    assert personal == [{
+        "name": "family", "type": "personal", "title": f"pac on {DEFAULT_MODEL}", "base": DEFAULT_MODEL,
+        "method": "pac", "format": "pac", "parameters": 135_000_000, "pruning_ratio": 0.25,
+        "created": "2026-11-22T08:00:00Z", "available": True,
+    }]
+
+    text = hearth("models", home=hearth_home)  # `list` is the default action
+    assert text.returncode == 0
+    assert DEFAULT_MODEL in text.stdout and "(default)" in text.stdout and "family" in text.stdout
+    assert "pruned 25%" in text.stdout

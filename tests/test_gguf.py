@@ -1,0 +1,115 @@
+"""The GGUF reader of the model store against llama.cpp, on the real stories260K model.
+
+stories260K is a GGUF whose tokenizer transformers cannot convert; the model store builds the
+tokenizer from the file's `tokenizer.ggml.*` fields and reads the F32 weights itself. llama.cpp
+is the reference: same token ids, same logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def stories_torch(stories_gguf: Path):
+    from training.model_store import load_torch, resolve
+
+    return load_torch(resolve(str(stories_gguf)))
+
+
+@pytest.fixture(scope="module")
+def stories_llama(stories_gguf: Path):
+    import llama_cpp
+
+    # F32 KV cache: llama.cpp's default F16 cache alone moves logits by about 1e-2.
+    llm = llama_cpp.Llama(model_path=str(stories_gguf), n_ctx=512, n_threads=1, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    yield llm
+    llm.close()
+
+
+def sample_texts(shared_dir: Path) -> list[str]:
+    """Real sentences (the household fixture, open QA) plus the awkward cases of a SentencePiece
+    vocabulary: leading and repeated spaces, new lines, digits, accents, emoji (byte fallback)."""
+    texts = []
+    for line in (shared_dir / "data" / "household" / "train.jsonl").read_text("utf-8").splitlines()[:10]:
+        texts.extend(m["content"] for m in json.loads(line)["messages"])
+    for line in (shared_dir / "data" / "dolly_open_qa" / "open_qa_train.jsonl").open("r", encoding="utf-8"):
+        texts.append(json.loads(line)["text"])
+        if len(texts) >= 30:
+            break
+    texts += ["Once upon a time", " leading space", "two  spaces\nand a new line\n\n", "café ñ 😀 ™",
+              "Lily's 3 red balls cost $12.50!", "", " ", "\t tab"]
+    return texts
+
+
+def test_gguf_tokenizer_matches_llama_cpp(stories_torch, stories_llama, shared_dir: Path):
+    _, tokenizer = stories_torch
+    for text in sample_texts(shared_dir):
+        expected = stories_llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        assert tokenizer(text)["input_ids"] == expected, text
+        # and back: decoding gives the text again
+        assert tokenizer.decode(expected, skip_special_tokens=True) == text, text
+
+
+def test_gguf_logits_match_llama_cpp(stories_torch, stories_llama):
+    import torch
+
+    model, _ = stories_torch
+    prompt = b"Once upon a time, there was a little girl named Lily. She loved to play"
+    ids = stories_llama.tokenize(prompt, add_bos=True)
+    stories_llama.reset()
+    stories_llama.eval(ids)
+    reference = np.array(stories_llama.scores[: len(ids)])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    # Both run float32; what is left is summation order. Measured: 1.2e-5 on logits of size ~20.
+    assert np.abs(logits - reference).max() < 1e-3
+    assert (logits.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_llama_cpp_continues_stories_with_lily(stories_llama):
+    stories_llama.reset()
+    out = stories_llama.create_completion("Once upon a time", max_tokens=24, temperature=0.0)
+    assert "Lily" in out["choices"][0]["text"]
+
+
+def test_gguf_model_in_transformers_continues_with_lily(stories_torch):
+    model, tokenizer = stories_torch
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert sum(p.numel() for p in model.parameters()) == 292_800  # as the file says
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert "there was a little girl named Lily" in tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_gguf_special_tokens_come_from_the_file(stories_torch):
+    _, tokenizer = stories_torch
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    # The file's pad id is 2**32 - 1 (unset): the store pads with the end-of-sequence token.
+    assert tokenizer.pad_token_id == 2
+
+
+def test_gguf_model_can_be_trained(stories_gguf: Path):
+    """The dequantised weights are ordinary parameters: a few optimiser steps lower the loss."""
+    import torch
+
+    from training.model_store import load_torch, resolve
+
+    model, tokenizer = load_torch(resolve(str(stories_gguf)))  # a fresh copy: the shared one stays as it is
+    batch = tokenizer("Hearth keeps the family's notes at home.", return_tensors="pt").input_ids
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -1,0 +1,188 @@
+"""Parallel adapters, the activation cache and the quantised backbone (ALGORITHMS.md sections 1-3),
+on a tiny random Llama with SmolLM2's tokenizer (tests/training_helpers.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from training.trainer import load_backbone
+
+    torch.set_num_threads(2)
+    return load_backbone(str(tiny_llama_dir()))
+
+
+@pytest.fixture(scope="module")
+def household_examples(tiny_backbone):
+    from training.data import load_examples
+
+    return load_examples(HOUSEHOLD / "train.jsonl", tiny_backbone.tokenizer)
+
+
+def test_untrained_side_chain_gives_the_base_models_logits(tiny_backbone, household_examples):
+    from training.data import collate
+    from training.parallel_adapters import SideChain, SideChainConfig, full_logits
+
+    model = tiny_backbone.model
+    batch = collate(household_examples[:3], tiny_backbone.tokenizer.pad_token_id)
+    chain = SideChain(SideChainConfig.for_backbone(model, every=1))
+    with torch.no_grad():
+        base = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        ours = full_logits(model, chain, batch.input_ids, batch.attention_mask)
+    assert torch.allclose(ours, base, atol=1e-5, rtol=1e-5)
+    # and a trained-looking chain (non-zero Up) changes them: the comparison above can fail
+    torch.nn.init.normal_(chain.ups[0].weight, std=0.5)
+    with torch.no_grad():
+        moved = full_logits(model, chain, batch.input_ids, batch.attention_mask)
+    assert not torch.allclose(moved, base, atol=1e-3)
+
+
+def test_no_backbone_parameter_receives_a_gradient(tiny_backbone, household_examples):
+    from training.data import collate
+    from training.parallel_adapters import SideChain, SideChainConfig, backbone_taps, chain_loss, labelled_positions
+
+    model = tiny_backbone.model
+    chain = SideChain(SideChainConfig.for_backbone(model, every=2))
+    with torch.no_grad():
+        for up in chain.ups:
+            up.weight.normal_(std=0.1)
+    head = {id(p) for p in list(model.model.norm.parameters()) + list(model.get_output_embeddings().parameters())}
+    body = [p for p in model.parameters() if id(p) not in head]
+    try:
+        for p in body:  # even if the backbone asked for gradients, none may reach it
+            p.requires_grad_(True)
+        batch = collate(household_examples[:4], tiny_backbone.tokenizer.pad_token_id)
+        taps, _ = backbone_taps(model, chain.config, batch.input_ids, batch.attention_mask)
+        rows, cols, targets = labelled_positions(batch)
+        loss = chain_loss(model, chain, taps[rows, cols], targets)
+        loss.backward()
+    finally:
+        for p in body:
+            p.requires_grad_(False)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in chain.parameters())
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def _pac_spec(name: str, data: Path, **overrides):
+    from training.job import JobSpec
+
+    settings = dict(name=name, data=str(data), model=str(tiny_llama_dir()), method="pac", epochs=3,
+                    batch_size=4, lr=5e-3, tap_every=2, cache_shard_size=8)
+    settings.update(overrides)
+    return JobSpec(**settings)
+
+
+def test_training_from_the_cache_gives_the_same_adapter_as_without(tiny_backbone, hearth_home):
+    from training.trainer import train
+
+    data = HOUSEHOLD / "train.jsonl"
+    plain = train(_pac_spec("plain", data, cache=False), backbone=tiny_backbone, save=False)
+    exact = train(_pac_spec("exact", data, cache_dtype="float32"), backbone=tiny_backbone, save=False)
+    half = train(_pac_spec("half", data, cache_dtype="float16"), backbone=tiny_backbone, save=False)
+    assert plain.losses[-1] < plain.losses[0]
+    for name, weight in plain.module.state_dict().items():
+        # float32 cache: the same numbers up to batch-shape rounding of the backbone forward
+        assert torch.allclose(exact.module.state_dict()[name], weight, atol=1e-5), name
+        # float16 cache: the tolerance a half-precision copy of the activations allows
+        assert torch.allclose(half.module.state_dict()[name], weight, atol=2e-3), name
+    assert exact.losses == pytest.approx(plain.losses, abs=1e-5)
+
+
+def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home, monkeypatch):
+    from training import parallel_adapters
+    from training.trainer import train
+
+    calls = []
+    real = parallel_adapters.backbone_taps
+    monkeypatch.setattr(parallel_adapters, "backbone_taps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = train(_pac_spec("count", HOUSEHOLD / "train.jsonl", epochs=4), backbone=tiny_backbone, save=False)
+    # 20 samples in shards of 8, in batches of 4: 5 backbone passes fill the cache, then none
+    assert len(calls) == 5
+    assert result.steps == 20
+
+
+def test_crash_in_epoch_one_resumes_at_the_last_complete_shard(tiny_backbone, hearth_home, monkeypatch):
+    from training import activation_cache
+    from training.trainer import train
+
+    real = activation_cache.ActivationCache.write_shard
+    written = []
+
+    def crash_on_third(self, shard, acts, targets):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        written.append(shard)
+        real(self, shard, acts, targets)
+
+    spec = _pac_spec("crash", HOUSEHOLD / "train.jsonl", cache_dtype="float32")
+    monkeypatch.setattr(activation_cache.ActivationCache, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, backbone=tiny_backbone, save=False)
+    monkeypatch.setattr(activation_cache.ActivationCache, "write_shard",
+                        lambda self, shard, a, t: written.append(shard) or real(self, shard, a, t))
+    resumed = train(spec, resume=True, backbone=tiny_backbone, save=False)
+    assert written == [0, 1, 2]   # shards 0 and 1 survived the crash; only shard 2 was computed again
+    fresh = train(_pac_spec("fresh", HOUSEHOLD / "train.jsonl", cache=False), backbone=tiny_backbone, save=False)
+    for name, weight in fresh.module.state_dict().items():
+        assert torch.allclose(resumed.module.state_dict()[name], weight, atol=1e-5), name
+
+
+def test_int8_cache_rows_round_trip(tmp_path):
+    from training.activation_cache import ActivationCache, CacheKey
+
+    key = CacheKey("b", "t", "d", (1, 3), "int8")
+    cache = ActivationCache(tmp_path, key, n_samples=3, shard_size=2, n_taps=2, hidden=16)
+    torch.manual_seed(0)
+    acts = [torch.randn(n, 2, 16) * 30 for n in (5, 0, 7)]
+    targets = [torch.arange(n) for n in (5, 0, 7)]
+    cache.write_shard(0, acts[:2], targets[:2])
+    assert cache.missing_shards() == [1]
+    cache.write_shard(1, acts[2:], targets[2:])
+    for i in range(3):
+        got, tgt = cache.sample(i)
+        assert got.shape == acts[i].shape and torch.equal(tgt, targets[i])
+        if acts[i].numel():
+            assert (got - acts[i]).abs().max() <= acts[i].abs().amax(-1).max() / 127 * 0.51 + 1e-6
+
+
+def test_cache_key_changes_with_taps_data_and_backbone():
+    from training.activation_cache import CacheKey
+
+    base = CacheKey("smollm2|none", "tok", "data", (2, 5), "float16")
+    assert len({base.digest(), CacheKey("smollm2|nf4", "tok", "data", (2, 5), "float16").digest(),
+                CacheKey("smollm2|none", "tok", "data2", (2, 5), "float16").digest(),
+                CacheKey("smollm2|none", "tok", "data", (2, 4), "float16").digest(),
+                CacheKey("smollm2|none", "tok2", "data", (2, 5), "float16").digest()}) == 5
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantised_backbone_trains_a_side_chain(mode, hearth_home):
+    from training.parallel_adapters import SideChain, SideChainConfig, full_logits
+    from training.quant import quantize_backbone, weight_bytes
+    from training.trainer import load_backbone, train
+
+    full = load_backbone(str(tiny_llama_dir()))
+    quant = load_backbone(str(tiny_llama_dir()), mode)
+    import bitsandbytes as bnb
+
+    kinds = {type(m) for m in quant.model.model.layers.modules()}
+    assert (bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt) in kinds
+    assert torch.nn.Linear not in kinds
+    assert weight_bytes(quant.model) < weight_bytes(full.model)
+    assert quant.identity != full.identity  # a quantised backbone never reads a float32 cache
+    ids = torch.tensor([full.tokenizer("The dog is called Biscuit.")["input_ids"]])
+    chain = SideChain(SideChainConfig.for_backbone(full.model))
+    with torch.no_grad():
+        a, b = full_logits(full.model, chain, ids), full_logits(quant.model, chain, ids)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+    result = train(_pac_spec(f"q-{mode}", HOUSEHOLD / "train.jsonl", quant=mode, epochs=2), backbone=quant, save=False)
+    assert result.losses[-1] < result.losses[0]
+    assert quantize_backbone(full.model, "none") == 0

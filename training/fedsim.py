@@ -1,0 +1,623 @@
+"""A fleet simulator for FedSpine and its baselines: real training, simulated clock.
+
+What is real: every sampled virtual device really trains its own copy of a small Llama-style
+model (RMSNorm, multi-head attention, SwiGLU MLP) with LoRA on q, o, gate, up and down, on its own
+non-IID shard of CLINC150 (Dirichlet alpha over intents), with its heads and MLP channels pruned
+by the round's keep-mask; the coordinator's logic is training/fedspine.py (bandits, aggregation,
+consensus mask, sparsity schedule) unchanged. Accuracy is measured on CLINC150's validation split.
+
+What is simulated: time. 80 devices with Jetson-like speed ratios cannot run here, so each
+device's round time comes from a cost model: the FLOPs a SmolLM2-135M-sized backbone (30 layers,
+d=576, 1536 MLP channels, 128 tokens per sample) would need for the same local steps at the same
+kept fraction of heads/channels (forward + backward, 3x forward), divided by the device's rate,
+plus moving the LoRA factors (same rank, kept rows only) and the classifier head both ways over
+its link. The small model stands in for SmolLM2 in accuracy only; the docs say so.
+
+The backbone is "pretrained" centrally, before federated training, on a public 20% of the
+training split with the 10 CLINC domains as labels (a coarse task); the federated task is the
+150 intents on the other 80%, with a new classifier head and LoRA.
+
+Pruning here is by masks, not the physical removal of training/pruning.py: that module works on
+transformers/PEFT models and would rebuild a model per device per round; a masked head or channel
+contributes exactly zero (and gets zero gradient), and the clock charges only the kept units.
+
+Methods (one run, same devices, data, sampled clients and seed):
+- fedspine: S-UCB per device over (ratio, rank), ratio at least the schedule's sparsity;
+- hetlora: no pruning, fixed heterogeneous ranks by device class (HetLoRA-style);
+- uniform: every device the schedule's sparsity and one fixed rank (no bandit);
+- random: a random (ratio >= schedule, rank) per device per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import HearthError
+from training.aggregation import LoraFactors
+from training.bandit import Arm, BanditConfig, RewardWeights
+from training.fedspine import (
+    DeviceReport,
+    FedSpineConfig,
+    FedSpineServer,
+    Importance,
+    KeepMask,
+    ModuleUnits,
+    UnitLayout,
+    sparsity_at,
+)
+
+METHODS = ("fedspine", "hetlora", "uniform", "random")
+
+
+# --- configuration --------------------------------------------------------------------------
+
+@dataclass
+class DeviceClass:
+    name: str
+    count: int
+    flops_per_s: float                 # effective training rate (simulated)
+    hetlora_rank: int                  # the fixed rank HetLoRA gives this class
+
+
+# Jetson TX2 : Xavier NX : AGX Xavier at 1 : 3 : 6 effective training speed (their FP16 peaks are
+# about 1.3, 6 and 11 TFLOPS); 30 / 40 / 10 devices as in the FedSpine paper's fleet of 80.
+PAPER_FLEET = (
+    DeviceClass("jetson-tx2", 30, 0.4e12, 4),
+    DeviceClass("xavier-nx", 40, 1.2e12, 8),
+    DeviceClass("agx-xavier", 10, 2.4e12, 16),
+)
+
+
+@dataclass
+class CostModel:
+    """The simulated clock: a SmolLM2-135M-sized backbone's work at the device's kept fraction."""
+
+    layers: int = 30
+    hidden: int = 576
+    intermediate: int = 1536
+    heads: int = 9
+    kv_heads: int = 3
+    tokens: int = 128
+    classes: int = 150
+    latency_s: float = 0.05
+
+    def train_flops_per_sample(self, head_keep: float, channel_keep: float) -> float:
+        d, hd = self.hidden, self.hidden // self.heads
+        attention = (2 * d * self.heads * hd) * head_keep + 2 * d * self.kv_heads * hd     # q, o scale; k, v stay
+        mlp = 3 * d * self.intermediate * channel_keep
+        scores = 4 * self.tokens * self.tokens * self.heads * hd * head_keep
+        forward = self.layers * (2 * self.tokens * (attention + mlp) + scores)
+        return 3.0 * forward
+
+    def lora_bytes(self, rank: int, head_keep: float, channel_keep: float) -> float:
+        d, c = self.hidden, self.intermediate
+        per_layer = rank * ((d + d * head_keep) * 2 + 2 * (d + c * channel_keep) + (c * channel_keep + d))
+        return 4.0 * self.layers * per_layer
+
+    def head_bytes(self) -> float:
+        return 4.0 * (self.classes * self.hidden + self.classes)
+
+
+@dataclass
+class SimConfig:
+    scale: str = "quick"
+    devices: int = 80
+    rounds: int = 40
+    clients_per_round: int = 16
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 5e-3
+    target_sparsity: float = 0.3
+    warmup_rounds: int = 3
+    ramp_rounds: int = 15
+    dirichlet_alpha: float = 0.5
+    uniform_rank: int = 8
+    seed: int = 0
+    # the small real model
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    channels: int = 256
+    max_tokens: int = 16
+    vocab_size: int = 4000
+    pretrain_steps: int = 300
+    lora_scale: float = 2.0
+    eval_samples: int = 3000
+    methods: tuple[str, ...] = METHODS
+    fleet: tuple[DeviceClass, ...] = PAPER_FLEET
+    cost: CostModel = field(default_factory=CostModel)
+
+    @classmethod
+    def for_scale(cls, scale: str, devices: int = 80, **overrides) -> "SimConfig":
+        if scale == "quick":
+            config = cls(scale=scale, devices=devices)
+        elif scale == "paper":
+            config = cls(scale=scale, devices=devices, rounds=150, clients_per_round=20, local_steps=10,
+                         hidden=128, layers=4, heads=8, channels=512, pretrain_steps=800, ramp_rounds=50)
+        else:
+            raise HearthError(f"--scale: expected quick or paper (got {scale!r})")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    ids: torch.Tensor                  # [n, max_tokens] (0 = padding, 1 = unknown)
+    labels: torch.Tensor               # [n]
+
+
+@dataclass
+class FleetData:
+    pretrain: Encoded                  # public split with domain labels
+    eval: Encoded                      # validation split, intent labels
+    client_indices: list[list[int]]    # per device, indices into `train`
+    train: Encoded                     # federated split, intent labels
+    intents: list[str]
+    vocab_size: int
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def load_fleet_data(path: Path, config: SimConfig) -> FleetData:
+    """CLINC150: 20% of train (domain labels) to pretrain, 80% split over devices by Dirichlet."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        domains = json.loads((Path(path).parent / "domains.json").read_text())
+        train, val = raw["train"], raw["val"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise HearthError(f"{path}: cannot read CLINC150 ({exc})") from None
+    rng = random.Random(config.seed)
+    intents = sorted({label for _, label in train})
+    intent_id = {name: i for i, name in enumerate(intents)}
+    domain_of = {intent: i for i, (_, members) in enumerate(sorted(domains.items())) for intent in members}
+
+    by_intent: dict[str, list[int]] = {}
+    for i, (_, label) in enumerate(train):
+        by_intent.setdefault(label, []).append(i)
+    public, private = [], []
+    for label in intents:
+        items = by_intent[label][:]
+        rng.shuffle(items)
+        cut = len(items) // 5
+        public += items[:cut]
+        private += items[cut:]
+
+    counts: dict[str, int] = {}
+    for text, _ in train:
+        for w in _words(text):
+            counts[w] = counts.get(w, 0) + 1
+    vocab = {w: i + 2 for i, (w, _) in enumerate(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: config.vocab_size - 2])}
+
+    def encode(rows: list[tuple[str, int]]) -> Encoded:
+        ids = torch.zeros(len(rows), config.max_tokens, dtype=torch.long)
+        for r, (text, _) in enumerate(rows):
+            tokens = [vocab.get(w, 1) for w in _words(text)][: config.max_tokens] or [1]
+            ids[r, : len(tokens)] = torch.tensor(tokens)
+        return Encoded(ids, torch.tensor([label for _, label in rows], dtype=torch.long))
+
+    pretrain = encode([(train[i][0], domain_of[train[i][1]]) for i in public])
+    fed = encode([(train[i][0], intent_id[train[i][1]]) for i in private])
+    val_rows = [(t, intent_id[label]) for t, label in val]
+    rng.shuffle(val_rows)
+    evaluation = encode(val_rows[: config.eval_samples])
+
+    # Non-IID: each intent's samples go to devices in Dirichlet(alpha) proportions.
+    gen = torch.Generator().manual_seed(config.seed)
+    clients: list[list[int]] = [[] for _ in range(config.devices)]
+    by_label: dict[int, list[int]] = {}
+    for i, label in enumerate(fed.labels.tolist()):
+        by_label.setdefault(label, []).append(i)
+    dirichlet = torch.distributions.Dirichlet(torch.full((config.devices,), config.dirichlet_alpha))
+    torch.manual_seed(config.seed)
+    for label in sorted(by_label):
+        items = by_label[label]
+        props = dirichlet.sample()
+        cuts = (torch.cumsum(props, 0) * len(items)).round().long().tolist()
+        start = 0
+        for device, end in enumerate(cuts):
+            clients[device] += items[start:end]
+            start = end
+    for device, items in enumerate(clients):   # every device holds at least one batch
+        while len(items) < config.batch_size:
+            items.append(int(torch.randint(len(fed.labels), (1,), generator=gen)))
+    return FleetData(pretrain, evaluation, clients, fed, intents, config.vocab_size)
+
+
+# --- the small real model -------------------------------------------------------------------
+
+LORA_KINDS = ("q", "o", "gate", "up", "down")
+
+
+class TinyLlama(torch.nn.Module):
+    """A small Llama-style encoder: RMSNorm, multi-head attention, SwiGLU MLP, mean pooling.
+
+    The backbone is frozen after pretraining; LoRA factors, the keep-masks and the classifier
+    head are passed to `forward`, so one backbone serves every virtual device.
+    """
+
+    def __init__(self, config: SimConfig, vocab_size: int):
+        super().__init__()
+        d, c = config.hidden, config.channels
+        self.config = config
+        self.embed = torch.nn.Embedding(vocab_size, d, padding_idx=0)
+        self.weights = torch.nn.ParameterDict()
+        for layer in range(config.layers):
+            for name, shape in (("q", (d, d)), ("k", (d, d)), ("v", (d, d)), ("o", (d, d)),
+                                ("gate", (c, d)), ("up", (c, d)), ("down", (d, c))):
+                self.weights[f"{layer}_{name}"] = torch.nn.Parameter(torch.randn(shape) / math.sqrt(shape[1]))
+            self.weights[f"{layer}_norm1"] = torch.nn.Parameter(torch.ones(d))
+            self.weights[f"{layer}_norm2"] = torch.nn.Parameter(torch.ones(d))
+        self.weights["final_norm"] = torch.nn.Parameter(torch.ones(d))
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        layer, kind = name.split(".")
+        out_f, in_f = self.weights[f"{layer}_{kind}"].shape
+        return in_f, out_f
+
+    def lora_modules(self) -> list[str]:
+        return [f"{layer}.{kind}" for layer in range(self.config.layers) for kind in LORA_KINDS]
+
+    def _linear(self, x, layer: int, kind: str, lora: dict[str, LoraFactors] | None):
+        y = x @ self.weights[f"{layer}_{kind}"].T
+        f = lora.get(f"{layer}.{kind}") if lora else None
+        if f is not None:
+            y = y + self.config.lora_scale * ((x @ f.a.T) @ f.b.T)
+        return y
+
+    @staticmethod
+    def _norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+
+    def features(self, ids: torch.Tensor, lora=None, keep: KeepMask | None = None) -> torch.Tensor:
+        c = self.config
+        mask = ids != 0
+        x = self.embed(ids)
+        n, t, d = x.shape
+        hd = d // c.heads
+        attn_bias = torch.zeros(n, 1, 1, t).masked_fill(~mask[:, None, None, :], float("-inf"))
+        for layer in range(c.layers):
+            h = self._norm(x, self.weights[f"{layer}_norm1"])
+            q = self._linear(h, layer, "q", lora).view(n, t, c.heads, hd).transpose(1, 2)
+            k = (h @ self.weights[f"{layer}_k"].T).view(n, t, c.heads, hd).transpose(1, 2)
+            v = (h @ self.weights[f"{layer}_v"].T).view(n, t, c.heads, hd).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + attn_bias
+            out = torch.softmax(scores, dim=-1) @ v                       # [n, heads, t, hd]
+            if keep is not None:                                           # a pruned head contributes nothing
+                out = out * keep.heads[layer].view(1, -1, 1, 1).to(out.dtype)
+            x = x + self._linear(out.transpose(1, 2).reshape(n, t, d), layer, "o", lora)
+            h = self._norm(x, self.weights[f"{layer}_norm2"])
+            act = F.silu(self._linear(h, layer, "gate", lora)) * self._linear(h, layer, "up", lora)
+            if keep is not None:
+                act = act * keep.channels[layer].to(act.dtype)
+            x = x + self._linear(act, layer, "down", lora)
+        x = self._norm(x, self.weights["final_norm"])
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def logits(self, ids, head: dict[str, torch.Tensor], lora=None, keep=None) -> torch.Tensor:
+        return self.features(ids, lora, keep) @ head["weight"].T + head["bias"]
+
+
+def pretrain_backbone(model: TinyLlama, data: Encoded, config: SimConfig) -> float:
+    """Train the whole small model on the public domain task; returns its accuracy on that data."""
+    torch.manual_seed(config.seed)
+    classes = int(data.labels.max()) + 1
+    head = {"weight": torch.nn.Parameter(torch.zeros(classes, config.hidden)), "bias": torch.nn.Parameter(torch.zeros(classes))}
+    params = list(model.parameters()) + list(head.values())
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    gen = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.pretrain_steps):
+        idx = torch.randint(len(data.labels), (64,), generator=gen)
+        loss = F.cross_entropy(model.logits(data.ids[idx], head), data.labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        return float((model.logits(data.ids, head).argmax(-1) == data.labels).float().mean())
+
+
+def layout_for(model: TinyLlama) -> UnitLayout:
+    c = model.config
+    hd = c.hidden // c.heads
+    modules = {}
+    for layer in range(c.layers):
+        modules[f"{layer}.q"] = ModuleUnits(layer, "heads", "rows", hd)
+        modules[f"{layer}.o"] = ModuleUnits(layer, "heads", "cols", hd)
+        modules[f"{layer}.gate"] = ModuleUnits(layer, "channels", "rows", 1)
+        modules[f"{layer}.up"] = ModuleUnits(layer, "channels", "rows", 1)
+        modules[f"{layer}.down"] = ModuleUnits(layer, "channels", "cols", 1)
+    return UnitLayout(c.layers, c.heads, c.channels, modules)
+
+
+def initial_lora(model: TinyLlama, rank: int, seed: int) -> dict[str, LoraFactors]:
+    """A random, B zero: the adapted model starts exactly at the backbone."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in model.lora_modules():
+        in_f, out_f = model.module_shape(name)
+        out[name] = LoraFactors(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f), torch.zeros(out_f, rank))
+    return out
+
+
+# --- one device's round ---------------------------------------------------------------------
+
+def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRAPrune-style importance: G = s(dB A + B dA); |G * (W + s B A)| summed per unit,
+    normalised per layer (the formula of training/pruning.LoraImportance, on plain tensors)."""
+    c = model.config
+    hd = c.hidden // c.heads
+    heads = torch.zeros(c.layers, c.heads)
+    channels = torch.zeros(c.layers, c.channels)
+    s = c.lora_scale
+    for name, f in lora.items():
+        layer, kind = name.split(".")
+        layer = int(layer)
+        ga, gb = grads[name]
+        g = s * (gb @ f.a + f.b @ ga)
+        merged = model.weights[f"{layer}_{kind}"] + s * (f.b @ f.a)
+        score = (g * merged).abs()
+        if kind == "q":
+            heads[layer] += score.view(c.heads, hd, -1).sum(dim=(1, 2))
+        elif kind == "o":
+            heads[layer] += score.view(score.shape[0], c.heads, hd).sum(dim=(0, 2))
+        elif kind in ("gate", "up"):
+            channels[layer] += score.sum(dim=1)
+        else:
+            channels[layer] += score.sum(dim=0)
+    heads = heads / heads.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    channels = channels / channels.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return heads, channels
+
+
+@dataclass
+class LocalResult:
+    lora: dict[str, LoraFactors]
+    head: dict[str, torch.Tensor]
+    loss_before: float
+    loss_after: float
+    importance: tuple[torch.Tensor, torch.Tensor]
+
+
+def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: dict[str, LoraFactors],
+                  head: dict[str, torch.Tensor], keep: KeepMask, config: SimConfig, rng: random.Random) -> LocalResult:
+    """A few LoRA + head steps on the device's own samples, with its heads/channels masked."""
+    a = {n: f.a.clone().requires_grad_(True) for n, f in lora.items()}
+    b = {n: f.b.clone().requires_grad_(True) for n, f in lora.items()}
+    w = {k: v.clone().requires_grad_(True) for k, v in head.items()}
+    optimizer = torch.optim.Adam([*a.values(), *b.values(), *w.values()], lr=config.lr)
+    batches = [torch.tensor([indices[rng.randrange(len(indices))] for _ in range(config.batch_size)]) for _ in range(config.local_steps)]
+    first = batches[0]
+
+    def loss_on(idx):
+        factors = {n: LoraFactors(a[n], b[n]) for n in a}
+        return F.cross_entropy(model.logits(data.train.ids[idx], w, factors, keep), data.train.labels[idx])
+
+    with torch.no_grad():
+        before = float(loss_on(first))
+    heads = torch.zeros(model.config.layers, model.config.heads)
+    channels = torch.zeros(model.config.layers, model.config.channels)
+    for idx in batches:
+        optimizer.zero_grad()
+        loss_on(idx).backward()
+        with torch.no_grad():
+            grads = {n: (a[n].grad, b[n].grad) for n in a}
+            h, c = _unit_scores(model, {n: LoraFactors(a[n], b[n]) for n in a}, grads)
+            heads += h / len(batches)
+            channels += c / len(batches)
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss_on(first))
+    return LocalResult({n: LoraFactors(a[n].detach(), b[n].detach()) for n in a},
+                       {k: v.detach() for k, v in w.items()}, before, after, (heads, channels))
+
+
+# --- the fleet ------------------------------------------------------------------------------
+
+@dataclass
+class VirtualDevice:
+    name: str
+    kind: str
+    flops_per_s: float
+    bandwidth_bps: float
+    hetlora_rank: int
+
+
+def make_fleet(config: SimConfig) -> list[VirtualDevice]:
+    """The paper's mix scaled to `devices`, each device jittered (+-25% speed), Wi-Fi 5-50 Mbit/s."""
+    total = sum(c.count for c in config.fleet)
+    rng = random.Random(config.seed + 1)
+    counts = [max(1, round(config.devices * c.count / total)) for c in config.fleet]
+    while sum(counts) > config.devices:
+        counts[counts.index(max(counts))] -= 1
+    while sum(counts) < config.devices:
+        counts[counts.index(max(counts))] += 1
+    fleet = []
+    for cls, n in zip(config.fleet, counts):
+        for i in range(n):
+            speed = cls.flops_per_s * rng.uniform(0.75, 1.25)
+            megabits = math.exp(rng.uniform(math.log(5), math.log(50)))
+            fleet.append(VirtualDevice(f"{cls.name}-{i}", cls.name, speed, megabits * 1e6 / 8, cls.hetlora_rank))
+    rng.shuffle(fleet)
+    return fleet
+
+
+def device_round_seconds(device: VirtualDevice, keep: KeepMask, rank: int, config: SimConfig) -> tuple[float, float]:
+    """(compute, transfer) seconds of one round on the simulated clock."""
+    cost = config.cost
+    head_keep = float(keep.heads.float().mean())
+    channel_keep = float(keep.channels.float().mean())
+    samples = config.local_steps * config.batch_size
+    compute = samples * cost.train_flops_per_sample(head_keep, channel_keep) / device.flops_per_s
+    down = cost.lora_bytes(rank, 1.0, 1.0) + cost.head_bytes()
+    up = cost.lora_bytes(rank, head_keep, channel_keep) + cost.head_bytes()
+    transfer = (down + up) / device.bandwidth_bps + 2 * cost.latency_s
+    return compute, transfer
+
+
+@dataclass
+class CurvePoint:
+    round: int
+    time_s: float
+    accuracy: float
+    sparsity: float
+
+
+@dataclass
+class MethodResult:
+    name: str
+    curve: list[CurvePoint]
+    final_accuracy: float               # at the target sparsity (consensus mask), after all rounds
+    final_accuracy_unpruned: float
+    sim_time_s: float
+    mean_round_s: float
+    wall_s: float
+    mean_rank: float
+    mean_ratio: float
+
+
+def evaluate(model: TinyLlama, data: Encoded, server: FedSpineServer, keep: KeepMask | None) -> float:
+    with torch.no_grad():
+        logits = model.logits(data.ids, server.dense, server.lora, keep)
+        return float((logits.argmax(-1) == data.labels).float().mean())
+
+
+def _magnitude_mask(model: TinyLlama, server: FedSpineServer, ratio: float) -> KeepMask:
+    """For a method without importance (HetLoRA): one-shot pruning by merged-weight magnitude."""
+    c = model.config
+    hd = c.hidden // c.heads
+    heads = torch.zeros(c.layers, c.heads)
+    channels = torch.zeros(c.layers, c.channels)
+    for layer in range(c.layers):
+        def merged(kind):
+            f = server.lora[f"{layer}.{kind}"]
+            return model.weights[f"{layer}_{kind}"] + c.lora_scale * (f.b @ f.a)
+        heads[layer] = merged("q").view(c.heads, hd, -1).pow(2).sum(dim=(1, 2)) + merged("o").view(-1, c.heads, hd).pow(2).sum(dim=(0, 2))
+        channels[layer] = merged("gate").pow(2).sum(1) + merged("up").pow(2).sum(1) + merged("down").pow(2).sum(0)
+    saved = server.importance
+    server.importance = (heads, channels)
+    try:
+        return server.consensus_mask(ratio)
+    finally:
+        server.importance = saved
+
+
+def run_method(method: str, model: TinyLlama, data: FleetData, fleet: list[VirtualDevice], config: SimConfig,
+               schedule: list[list[int]]) -> MethodResult:
+    """Train with `method` for `config.rounds` rounds over the pre-drawn client `schedule`."""
+    started = time.perf_counter()
+    pruning = method != "hetlora"
+    bandit = BanditConfig(ratio_min=0.0, ratio_max=0.6, rank_min=2, rank_max=16, grid_ratios=2, grid_ranks=2,
+                          split_after=4, weights=RewardWeights(loss_drop=1.0, sparsity=0.5, update_norm=0.1, time=1.0))
+    fed = FedSpineConfig(target_sparsity=config.target_sparsity if pruning else 0.0, warmup_rounds=config.warmup_rounds,
+                         ramp_rounds=config.ramp_rounds, quorum=1.0, bandit=bandit)
+    head = {"weight": torch.zeros(len(data.intents), config.hidden), "bias": torch.zeros(len(data.intents))}
+    server = FedSpineServer(fed, layout_for(model), initial_lora(model, 16, config.seed), head, seed=config.seed)
+    rng = random.Random(config.seed + 7)
+    choice_rng = random.Random(config.seed + 11)
+    clock = 0.0
+    curve = [CurvePoint(0, 0.0, evaluate(model, data.eval, server, None), 0.0)]
+    ranks, ratios, round_times = [], [], []
+    for round_index in range(config.rounds):
+        devices = [fleet[i] for i in schedule[round_index]]
+        floor = sparsity_at(round_index, fed)
+        fixed = None
+        if method == "hetlora":
+            fixed = {d.name: Arm(-1, 0.0, d.hetlora_rank) for d in devices}
+        elif method == "uniform":
+            fixed = {d.name: Arm(-1, floor, config.uniform_rank) for d in devices}
+        elif method == "random":
+            fixed = {d.name: Arm(-1, choice_rng.uniform(0.0, 0.6), choice_rng.randint(2, 16)) for d in devices}
+        plans = server.plan_round([d.name for d in devices], fixed)
+        by_name = {d.name: d for d in devices}
+        reports = []
+        for plan in plans:
+            device = by_name[plan.device]
+            local = train_locally(model, data, data.client_indices[fleet.index(device)], plan.lora, plan.dense,
+                                  plan.keep, config, rng)
+            compute_s, transfer_s = device_round_seconds(device, plan.keep, plan.rank, config)
+            heads, channels = local.importance
+            reports.append(DeviceReport(
+                round=plan.round, device=plan.device, lora=local.lora, keep=plan.keep, dense=local.head,
+                samples=config.local_steps * config.batch_size, loss_before=local.loss_before, loss_after=local.loss_after,
+                importance=Importance(heads, channels), compute_s=compute_s, transfer_s=transfer_s,
+                finished_at_s=clock + compute_s + transfer_s,
+            ))
+            ranks.append(plan.rank)
+            ratios.append(plan.ratio)
+        result = server.aggregate_round(reports, opened_at_s=clock)
+        round_times.append(result.round_time_s)
+        clock = result.closed_at_s
+        sparsity = sparsity_at(round_index + 1, fed) if pruning else 0.0
+        keep = server.consensus_mask(sparsity) if sparsity > 0 else None
+        curve.append(CurvePoint(round_index + 1, clock, evaluate(model, data.eval, server, keep), sparsity))
+    final_keep = (server.consensus_mask(config.target_sparsity) if pruning else _magnitude_mask(model, server, config.target_sparsity))
+    return MethodResult(
+        name=method, curve=curve,
+        final_accuracy=evaluate(model, data.eval, server, final_keep),
+        final_accuracy_unpruned=evaluate(model, data.eval, server, None),
+        sim_time_s=clock, mean_round_s=sum(round_times) / len(round_times),
+        wall_s=time.perf_counter() - started,
+        mean_rank=sum(ranks) / len(ranks), mean_ratio=sum(ratios) / len(ratios),
+    )
+
+
+def client_schedule(config: SimConfig) -> list[list[int]]:
+    """Which devices each round samples: the same for every method."""
+    if config.clients_per_round > config.devices:
+        raise HearthError(f"clients per round ({config.clients_per_round}) exceeds the fleet ({config.devices})")
+    rng = random.Random(config.seed + 3)
+    return [sorted(rng.sample(range(config.devices), config.clients_per_round)) for _ in range(config.rounds)]
+
+
+def time_to_accuracy(curve: list[CurvePoint], target: float) -> float:
+    for point in curve:
+        if point.accuracy >= target:
+            return point.time_s
+    return math.inf
+
+
+def accuracy_at_time(curve: list[CurvePoint], seconds: float) -> float:
+    return max((p for p in curve if p.time_s <= seconds), key=lambda p: p.time_s).accuracy
+
+
+@dataclass
+class SimReport:
+    config: SimConfig
+    pretrain_accuracy: float
+    results: dict[str, MethodResult]
+    target_accuracy: float
+    wall_s: float
+
+
+def simulate(config: SimConfig, clinc_path: Path) -> SimReport:
+    """Pretrain the small backbone, then run every method on the same fleet, data and schedule."""
+    started = time.perf_counter()
+    for method in config.methods:
+        if method not in METHODS:
+            raise HearthError(f"unknown federated method {method!r} (expected one of {', '.join(METHODS)})")
+    torch.manual_seed(config.seed)
+    data = load_fleet_data(clinc_path, config)
+    model = TinyLlama(config, data.vocab_size)
+    pretrain_accuracy = pretrain_backbone(model, data.pretrain, config)
+    fleet = make_fleet(config)
+    schedule = client_schedule(config)
+    results = {m: run_method(m, model, data, fleet, config, schedule) for m in config.methods}
+    # Target: 95% of the lowest final accuracy, so that every method reaches it.
+    target = 0.95 * min(max(p.accuracy for p in r.curve) for r in results.values())
+    return SimReport(config, pretrain_accuracy, results, target, time.perf_counter() - started)

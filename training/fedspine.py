@@ -1,0 +1,411 @@
+"""FedSpine's round logic, independent of transport (ALGORITHMS.md sections 5-7).
+
+A round: the coordinator picks, per device, a pruning ratio and a LoRA rank with that device's
+S-UCB bandit (training/bandit.py), sends a `RoundPlan` (ratio, rank, which heads/channels to keep,
+the global LoRA state truncated to the rank); each device trains its pruned model with LoRA and
+sends a `DeviceReport` (its LoRA factors in unpruned coordinates with masks, loss before/after,
+LoRA-gradient importance of the units it kept, timings). `FedSpineServer.aggregate_round` closes
+the round at its deadline or as soon as a quorum has reported, whichever is first; reports that
+arrive later, for another round, twice, or from devices not in the round change nothing in the
+model (a late report still teaches that device's bandit how slow the arm was).
+
+- Sparsity schedule: the target is reached over `ramp_rounds` rounds after `warmup_rounds`
+  (cubic, as in gradual magnitude pruning: fast early, gentle near the target). A device prunes at
+  least the scheduled sparsity; its bandit may choose more to finish faster.
+- Consensus mask: importance accumulated (EMA, 0.9 old, only where observed) from the devices'
+  reports; every layer keeps the same number of its most important heads and channels, so the
+  pruned model is an ordinary Llama config (training/pruning.py removes them physically).
+- Aggregation: heterogeneous-rank, norm-weighted and masked (training/aggregation.py).
+- Checkpoint: tensors in safetensors + everything else in JSON, written as one directory
+  atomically.
+
+Not here: training a device's model (the caller, e.g. training/fedsim.py), transport, physical
+pruning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.atomic import atomic_dir
+from core.errors import HearthError
+from training.aggregation import LoraFactors, LoraUpdate, aggregate_lora, truncate_update, weighted_average
+from training.bandit import Arm, BanditConfig, BanditState, RewardWeights, SmoothUCB, reward
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class FedSpineConfig:
+    target_sparsity: float = 0.3       # fraction of heads and of MLP channels removed at the end
+    warmup_rounds: int = 2             # rounds of LoRA only before pruning starts
+    ramp_rounds: int = 10              # rounds over which sparsity rises to the target
+    quorum: float = 1.0                # fraction of the round's devices whose reports close it early
+    deadline_s: float = math.inf       # a round closes this long after it opens at the latest
+    importance_beta: float = 0.9       # EMA: weight of the old importance
+    min_heads: int = 1                 # every layer keeps at least this many heads
+    bandit: BanditConfig = field(default_factory=BanditConfig)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise HearthError(f"fedspine config: target_sparsity must be in [0, 1) (got {self.target_sparsity})")
+        if not 0.0 < self.quorum <= 1.0:
+            raise HearthError(f"fedspine config: quorum must be in (0, 1] (got {self.quorum})")
+        if self.deadline_s <= 0:
+            raise HearthError(f"fedspine config: deadline_s must be positive (got {self.deadline_s})")
+        self.bandit.validate()
+
+
+@dataclass
+class ModuleUnits:
+    """How one LoRA module's rows or columns belong to a layer's prunable units."""
+
+    layer: int
+    unit: str                          # "heads" or "channels"
+    axis: str                          # "rows" (B's rows: output features) or "cols" (A's columns)
+    unit_size: int = 1                 # features per unit (head_dim for heads)
+
+
+@dataclass
+class UnitLayout:
+    layers: int
+    heads: int
+    channels: int
+    modules: dict[str, ModuleUnits]    # LoRA module name -> its units
+
+
+@dataclass
+class Importance:
+    """Per-unit importance in unpruned coordinates; `seen_*` marks what a device observed."""
+
+    heads: torch.Tensor                # [layers, heads]
+    channels: torch.Tensor             # [layers, channels]
+    seen_heads: torch.Tensor | None = None     # bool, same shape (None: all)
+    seen_channels: torch.Tensor | None = None
+
+
+@dataclass
+class KeepMask:
+    heads: torch.Tensor                # bool [layers, heads]
+    channels: torch.Tensor             # bool [layers, channels]
+
+    def sparsity(self) -> float:
+        h = 1.0 - float(self.heads.float().mean())
+        c = 1.0 - float(self.channels.float().mean())
+        return (h + c) / 2
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    device: str
+    arm: Arm
+    ratio: float                       # fraction of heads and channels this device removes
+    rank: int
+    keep: KeepMask
+    lora: dict[str, LoraFactors]       # the global state truncated to `rank`, unpruned coordinates
+    dense: dict[str, torch.Tensor]     # other trainables (e.g. a classifier head), shared by all
+
+
+@dataclass
+class DeviceReport:
+    round: int
+    device: str
+    lora: dict[str, LoraFactors]       # trained factors, unpruned coordinates (pruned rows are ignored)
+    keep: KeepMask
+    dense: dict[str, torch.Tensor]
+    samples: int
+    loss_before: float
+    loss_after: float
+    importance: Importance
+    compute_s: float
+    transfer_s: float
+    finished_at_s: float               # clock time the report reached the coordinator
+
+
+@dataclass
+class RoundResult:
+    round: int
+    accepted: list[str]
+    late: list[str]
+    missing: list[str]
+    ignored: list[str]                 # wrong round, duplicate, or not in the round
+    closed_at_s: float
+    round_time_s: float
+    mean_loss_after: float
+
+
+def sparsity_at(round_index: int, config: FedSpineConfig) -> float:
+    """Cubic ramp from 0 (through warmup) to the target (after warmup + ramp rounds)."""
+    if round_index < config.warmup_rounds or config.target_sparsity == 0:
+        return 0.0
+    if config.ramp_rounds <= 0:
+        return config.target_sparsity
+    progress = min(1.0, (round_index - config.warmup_rounds + 1) / config.ramp_rounds)
+    return config.target_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+
+def keep_count(total: int, ratio: float, at_least: int = 1) -> int:
+    return max(at_least, min(total, int(round(total * (1.0 - ratio)))))
+
+
+def _top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Per row (layer), True for the `keep` highest scores (ties: lower index first)."""
+    order = torch.argsort(-scores, dim=1, stable=True)[:, :keep]
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, order, True)
+    return mask
+
+
+def module_masks(layout: UnitLayout, keep: KeepMask) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Row masks (B) and column masks (A) of every LoRA module from a unit keep-mask."""
+    rows, cols = {}, {}
+    for name, m in layout.modules.items():
+        units = keep.heads[m.layer] if m.unit == "heads" else keep.channels[m.layer]
+        features = units.repeat_interleave(m.unit_size)
+        (rows if m.axis == "rows" else cols)[name] = features
+    return rows, cols
+
+
+class FedSpineServer:
+    """The coordinator's state across rounds: global LoRA, importance, one bandit per device."""
+
+    def __init__(self, config: FedSpineConfig, layout: UnitLayout, lora: dict[str, LoraFactors],
+                 dense: dict[str, torch.Tensor] | None = None, seed: int = 0):
+        config.validate()
+        self.config = config
+        self.layout = layout
+        self.lora = lora
+        self.dense = dict(dense or {})
+        self.importance = torch.zeros(layout.layers, layout.heads), torch.zeros(layout.layers, layout.channels)
+        self.importance_seen = False
+        self.round = 0
+        self.mean_round_time_s = 0.0
+        self.bandits: dict[str, SmoothUCB] = {}
+        self.seed = seed
+        self._open: dict[str, RoundPlan] = {}
+
+    # --- planning ---
+
+    def bandit(self, device: str) -> SmoothUCB:
+        if device not in self.bandits:
+            self.bandits[device] = SmoothUCB(self.config.bandit, seed=self.seed + len(self.bandits))
+        return self.bandits[device]
+
+    def consensus_mask(self, ratio: float) -> KeepMask:
+        """Each layer keeps its most important heads and channels (the same count in every layer)."""
+        heads, channels = self.importance
+        return KeepMask(
+            _top_mask(heads, keep_count(self.layout.heads, ratio, self.config.min_heads)),
+            _top_mask(channels, keep_count(self.layout.channels, ratio, 1)),
+        )
+
+    def plan_round(self, devices: list[str], fixed: dict[str, Arm] | None = None) -> list[RoundPlan]:
+        """Open the next round for `devices`; `fixed` overrides a device's arm (baselines)."""
+        if not devices:
+            raise HearthError("fedspine: a round needs at least one device")
+        floor = sparsity_at(self.round, self.config)
+        plans = []
+        for device in devices:
+            arm = (fixed or {}).get(device) or self.bandit(device).select()
+            # Warmup rounds train every unit, so importance is first gathered over all of them.
+            ratio = 0.0 if self.round < self.config.warmup_rounds else max(floor, arm.ratio)
+            plans.append(RoundPlan(
+                round=self.round, device=device, arm=arm, ratio=ratio, rank=arm.rank,
+                keep=self.consensus_mask(ratio),
+                lora=truncate_update(self.lora, arm.rank),
+                dense={k: v.clone() for k, v in self.dense.items()},
+            ))
+        self._open = {p.device: p for p in plans}
+        return plans
+
+    # --- closing a round ---
+
+    def aggregate_round(self, reports: list[DeviceReport], opened_at_s: float = 0.0) -> RoundResult:
+        """Close the open round: accept reports in time (deadline or quorum), aggregate, learn."""
+        if not self._open:
+            raise HearthError("fedspine: no round is open")
+        plans, config = self._open, self.config
+        ignored, candidates, seen = [], [], set()
+        for r in sorted(reports, key=lambda r: r.finished_at_s):
+            if r.round != self.round or r.device not in plans or r.device in seen:
+                ignored.append(r.device)
+                continue
+            if not all(math.isfinite(x) for x in (r.loss_before, r.loss_after, r.finished_at_s)):
+                ignored.append(r.device)
+                continue
+            seen.add(r.device)
+            candidates.append(r)
+        deadline = opened_at_s + config.deadline_s
+        quorum = max(1, math.ceil(config.quorum * len(plans)))
+        in_time = [r for r in candidates if r.finished_at_s <= deadline]
+        if len(in_time) >= quorum:
+            accepted = in_time[:quorum]
+            closed_at = accepted[-1].finished_at_s
+        else:
+            accepted = in_time
+            last = max((r.finished_at_s for r in accepted), default=opened_at_s)
+            closed_at = deadline if math.isfinite(deadline) else last
+        late = [r for r in candidates if r not in accepted]
+        missing = [d for d in plans if d not in seen]
+
+        if accepted:
+            self._merge(accepted)
+        round_times = [r.finished_at_s - opened_at_s for r in accepted]
+        mean_time = sum(round_times) / len(round_times) if round_times else max(closed_at - opened_at_s, 1e-9)
+        norms = [_update_norm(r, plans[r.device]) for r in accepted]
+        mean_norm = sum(norms) / len(norms) if norms and sum(norms) > 0 else 1.0
+        weights = config.bandit.weights
+        for r, norm in zip(accepted, norms):
+            plan = plans[r.device]
+            self.bandit(r.device).update(plan.arm, reward(
+                weights, loss_before=r.loss_before, loss_after=r.loss_after,
+                sparsity_gained=plan.ratio, update_norm=norm / mean_norm,
+                round_time_s=r.finished_at_s - opened_at_s, mean_round_time_s=mean_time,
+            ))
+        # Late or missing: the model is untouched, but the device's bandit learns that the arm
+        # took too long (a missing device is charged twice the round's length).
+        for r in late:
+            self.bandit(r.device).update(plans[r.device].arm, -weights.time * (r.finished_at_s - opened_at_s) / mean_time)
+        for d in missing:
+            self.bandit(d).update(plans[d].arm, -weights.time * 2 * (closed_at - opened_at_s) / mean_time)
+
+        self.mean_round_time_s = mean_time
+        result = RoundResult(
+            round=self.round,
+            accepted=[r.device for r in accepted], late=[r.device for r in late], missing=missing, ignored=ignored,
+            closed_at_s=closed_at, round_time_s=closed_at - opened_at_s,
+            mean_loss_after=sum(r.loss_after for r in accepted) / len(accepted) if accepted else math.nan,
+        )
+        self.round += 1
+        self._open = {}
+        return result
+
+    def _merge(self, accepted: list[DeviceReport]) -> None:
+        updates = []
+        for r in accepted:
+            rows, cols = module_masks(self.layout, r.keep)
+            updates.append(LoraUpdate(r.lora, rows, cols))
+        self.lora = aggregate_lora(updates, previous=self.lora)
+        if self.dense:
+            samples = [float(r.samples) for r in accepted]
+            self.dense = {k: weighted_average([r.dense[k] for r in accepted], samples) for k in self.dense}
+        beta = self.config.importance_beta
+        old_h, old_c = self.importance
+        new_h, new_c = _masked_importance_mean(accepted)
+        if not self.importance_seen:
+            self.importance = (torch.where(new_h[1], new_h[0], old_h), torch.where(new_c[1], new_c[0], old_c))
+            self.importance_seen = True
+        else:
+            self.importance = (
+                torch.where(new_h[1], beta * old_h + (1 - beta) * new_h[0], old_h),
+                torch.where(new_c[1], beta * old_c + (1 - beta) * new_c[0], old_c),
+            )
+
+    # --- checkpoints ---
+
+    def save(self, folder: Path) -> None:
+        """Write the server state as one directory (atomically): tensors.safetensors + state.json."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {"importance.heads": self.importance[0], "importance.channels": self.importance[1]}
+        for name, f in self.lora.items():
+            tensors[f"lora.{name}.a"] = f.a.contiguous()
+            tensors[f"lora.{name}.b"] = f.b.contiguous()
+        for name, t in self.dense.items():
+            tensors[f"dense.{name}"] = t.contiguous()
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "round": self.round,
+            "mean_round_time_s": self.mean_round_time_s,
+            "importance_seen": self.importance_seen,
+            "seed": self.seed,
+            "lora_modules": list(self.lora),
+            "dense": list(self.dense),
+            "config": _config_to_dict(self.config),
+            "layout": {"layers": self.layout.layers, "heads": self.layout.heads, "channels": self.layout.channels,
+                       "modules": {k: asdict(v) for k, v in self.layout.modules.items()}},
+            "bandits": {name: b.state.to_dict() for name, b in self.bandits.items()},
+        }
+        with atomic_dir(Path(folder)) as tmp:
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "FedSpineServer":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        state_path, tensor_path = folder / "state.json", folder / "tensors.safetensors"
+        if not state_path.is_file() or not tensor_path.is_file():
+            raise HearthError(f"{folder}: not a FedSpine checkpoint (state.json and tensors.safetensors expected)")
+        try:
+            state = json.loads(state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise HearthError(f"{state_path}: line {exc.lineno}: not valid JSON") from None
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise HearthError(f"{state_path}: version: expected {CHECKPOINT_VERSION}, got {state.get('version')}")
+        tensors = load_file(str(tensor_path))
+        try:
+            layout_data = state["layout"]
+            layout = UnitLayout(layout_data["layers"], layout_data["heads"], layout_data["channels"],
+                                {k: ModuleUnits(**v) for k, v in layout_data["modules"].items()})
+            lora = {n: LoraFactors(tensors[f"lora.{n}.a"], tensors[f"lora.{n}.b"]) for n in state["lora_modules"]}
+            dense = {n: tensors[f"dense.{n}"] for n in state["dense"]}
+            server = cls(_config_from_dict(state["config"]), layout, lora, dense, seed=int(state["seed"]))
+            server.importance = (tensors["importance.heads"], tensors["importance.channels"])
+            server.importance_seen = bool(state["importance_seen"])
+            server.round = int(state["round"])
+            server.mean_round_time_s = float(state["mean_round_time_s"])
+            for i, (name, data) in enumerate(state["bandits"].items()):
+                server.bandits[name] = SmoothUCB(server.config.bandit, BanditState.from_dict(data, str(state_path)),
+                                                 seed=server.seed + i)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HearthError(f"{folder}: incomplete FedSpine checkpoint (missing {exc})") from None
+        return server
+
+
+def _update_norm(report: DeviceReport, plan: RoundPlan) -> float:
+    """Frobenius norm of the change in B·A this device made, summed over modules."""
+    total = 0.0
+    for name, f in report.lora.items():
+        before = plan.lora[name]
+        delta = f.delta() - before.b[:, : f.rank] @ before.a[: f.rank] if before.rank >= f.rank else f.delta()
+        total += float(torch.linalg.matrix_norm(delta))
+    return total
+
+
+def _masked_importance_mean(reports: list[DeviceReport]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Mean importance per unit over the devices that observed it; and whether anyone did."""
+    def mean(values, seens):
+        v = torch.stack(values)
+        s = torch.stack([x.float() for x in seens])
+        count = s.sum(0)
+        return torch.where(count > 0, (v * s).sum(0) / count.clamp_min(1), torch.zeros_like(v[0])), count > 0
+
+    heads = mean([r.importance.heads for r in reports],
+                 [r.importance.seen_heads if r.importance.seen_heads is not None else r.keep.heads for r in reports])
+    channels = mean([r.importance.channels for r in reports],
+                    [r.importance.seen_channels if r.importance.seen_channels is not None else r.keep.channels for r in reports])
+    return heads, channels
+
+
+def _config_to_dict(config: FedSpineConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["deadline_s"] = None if math.isinf(config.deadline_s) else config.deadline_s
+    return data
+
+
+def _config_from_dict(data: dict[str, Any]) -> FedSpineConfig:
+    bandit = dict(data["bandit"])
+    bandit["weights"] = RewardWeights(**bandit["weights"])
+    fields = dict(data)
+    fields["bandit"] = BanditConfig(**bandit)
+    fields["deadline_s"] = math.inf if data["deadline_s"] is None else data["deadline_s"]
+    return FedSpineConfig(**fields)

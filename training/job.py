@@ -1,0 +1,206 @@
+"""What a training job is, independent of the device that runs it.
+
+- `JobSpec`: everything that decides the result (data, method, model, epochs, seed, global batch);
+  two runs with equal specs produce the same adapter, on one device or pooled across several.
+- `batch_plan`: the global batches of an epoch, fixed by seed and epoch (not by the device).
+- Step functions a remote worker can call: `pac_gradients` (adapter gradients from cached
+  activations), `apply_gradients` (clip + optimiser step, after any averaging across devices).
+- Checkpoints: one format, `checkpoint.safetensors` (trainable tensors + optimiser state) and
+  `checkpoint.json` (spec, step, losses), each written atomically, the JSON last.
+- `ProgressEvent`: what the trainer reports (the CLI prints it as a bar or as JSON lines).
+
+What is not here: the loop (trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.atomic import atomic_path, atomic_write_text
+from core.errors import HearthError
+
+METHODS = ("pac", "lora", "full")
+QUANTS = ("none", "nf4", "int8")
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+DEFAULT_LR = {"pac": 2e-3, "lora": 4e-4, "full": 2e-5}
+# Chosen on the household fixture (docs/training.md): enough passes for 20 facts to stick.
+DEFAULT_EPOCHS = {"pac": 25, "lora": 25, "full": 3}
+
+
+@dataclass
+class JobSpec:
+    name: str
+    data: str
+    model: str = "smollm2-135m"
+    method: str = "pac"
+    epochs: int = 3
+    quant: str = "none"
+    lr: float | None = None              # None: DEFAULT_LR[method]
+    batch_size: int = 4                  # the global batch (summed over devices)
+    seed: int = 0
+    max_length: int = 512
+    # PAC
+    tap_every: int = 3
+    reduction: int = 8
+    cache: bool = True
+    cache_dtype: str = "float16"
+    cache_shard_size: int = 64
+    # LoRA
+    lora_rank: int = 16
+    lora_targets: list[str] | str = "all-linear"
+    # Stop after this many steps (the benchmark's truncated full fine-tuning); None: all epochs.
+    max_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise HearthError(f"--method must be one of pac, lora (got {self.method})")
+        if self.quant not in QUANTS:
+            raise HearthError(f"--quant must be one of {', '.join(QUANTS)} (got {self.quant})")
+        if self.epochs < 1:
+            raise HearthError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            raise HearthError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.quant != "none" and self.method == "full":
+            raise HearthError("full fine-tuning cannot train a quantised backbone")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobSpec":
+        return cls(**data)
+
+
+@dataclass
+class ProgressEvent:
+    phase: str                 # "load", "cache", "train", "save", "done"
+    step: int = 0              # optimiser steps done
+    total_steps: int = 0
+    epoch: int = 0             # 1-based epoch the step belongs to
+    loss: float | None = None  # mean loss of the last step
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, "")})
+
+
+def steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    return (n_samples + batch_size - 1) // batch_size
+
+
+def batch_plan(n_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of `epoch` (0-based): a seeded permutation, cut into batch_size pieces."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_samples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_samples, batch_size)]
+
+
+# --- device-independent steps ----------------------------------------------------------------
+
+def pac_gradients(backbone: Any, chain: Any, taps: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and adapter gradients for one batch of cached activations (no backbone involved
+    beyond its frozen final norm and LM head). A worker returns these; the gradients of several
+    workers are averaged, weighted by `len(targets)`, before `apply_gradients`."""
+    from training.parallel_adapters import chain_loss
+
+    chain.zero_grad(set_to_none=True)
+    loss = chain_loss(backbone, chain, taps, targets)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in chain.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def apply_gradients(module: Any, optimizer: Any, grads: dict[str, torch.Tensor], max_grad_norm: float) -> None:
+    """Set the (possibly averaged) gradients, clip, and take one optimiser step."""
+    params = dict(module.named_parameters())
+    for name, grad in grads.items():
+        params[name].grad = grad
+    trainable = [p for p in params.values() if p.requires_grad]
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    spec: JobSpec
+    step: int                                  # optimiser steps completed
+    weights: dict[str, torch.Tensor]           # trainable tensors by name
+    optimizer: dict[str, Any]                  # torch optimiser state_dict
+    losses: list[float] = field(default_factory=list)
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
+    """Tensors first, then the JSON that names their step: a crash between the two leaves the
+    previous JSON, which then disagrees with the tensors' step and is caught on load."""
+    from safetensors.torch import save_file
+
+    tensors = {f"w.{k}": v.detach().contiguous().cpu() for k, v in checkpoint.weights.items()}
+    opt_state, opt_meta = _flatten_optimizer(checkpoint.optimizer)
+    tensors.update(opt_state)
+    with atomic_path(Path(folder) / CHECKPOINT_TENSORS) as tmp:
+        save_file(tensors, str(tmp), metadata={"step": str(checkpoint.step)})
+    meta = {"spec": checkpoint.spec.to_dict(), "step": checkpoint.step, "losses": checkpoint.losses,
+            "optimizer": opt_meta}
+    atomic_write_text(Path(folder) / CHECKPOINT_JSON, json.dumps(meta))
+
+
+def load_checkpoint(folder: Path) -> Checkpoint | None:
+    """The last checkpoint in `folder`, or None if there is none."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    meta_path, tensor_path = folder / CHECKPOINT_JSON, folder / CHECKPOINT_TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+        with safe_open(str(tensor_path), "pt") as f:
+            if int(f.metadata().get("step", -1)) != meta["step"]:
+                raise ValueError("tensors and JSON are from different steps")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, KeyError) as exc:
+        raise HearthError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from None
+    weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+    optimizer = _unflatten_optimizer(tensors, meta["optimizer"])
+    return Checkpoint(JobSpec.from_dict(meta["spec"]), meta["step"], weights, optimizer, meta["losses"])
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, values in state.get("state", {}).items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"o.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("o."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,308 @@
+"""The training loop on one device: PAC (side chain, activation cache), PEFT LoRA, full fine-tuning.
+
+`train(spec)` loads the base (optionally quantised), reads the data, and runs the global steps of
+`JobSpec` in the order `job.batch_plan` fixes. It checkpoints (job.save_checkpoint) at least
+every `checkpoint_every_s` seconds and at each epoch's end into `hearth_paths().jobs_dir / NAME`,
+so `resume=True` after a crash or SIGKILL carries on at the step after the last checkpoint: the
+final weights equal those of an uninterrupted run. The personalised model is written into
+`hearth_paths().models_dir / NAME` in one rename (core.atomic.atomic_dir).
+
+PAC with the cache: epoch 1 first fills the activation cache shard by shard (the only backbone
+passes of the whole job), then every epoch's adapter steps read from it. PAC without the cache
+runs the backbone forward for every batch of every epoch (the baseline that shows the cache's
+worth). Neither runs a backward pass through the backbone.
+
+What is not here: the command line (app/commands/train.py), generation (torch_engine.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.atomic import atomic_dir, atomic_write_text
+from core.errors import HearthError
+from core.paths import hearth_paths
+from training.activation_cache import ActivationCache, CacheKey, tokenizer_fingerprint
+from training.data import Example, collate, examples_fingerprint, read_conversations, tokenize
+from training.job import (
+    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint,
+    pac_gradients, save_checkpoint, steps_per_epoch,
+)
+from training.model_store import MANIFEST, PersonalModel, resolve
+
+SIDE_CHAIN_WEIGHTS = "side_chain.safetensors"
+SIDE_CHAIN_CONFIG = "side_chain.json"
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen base model and what identifies it (for the cache key)."""
+
+    model: Any
+    tokenizer: Any
+    identity: str
+
+
+@dataclass
+class TrainResult:
+    spec: JobSpec
+    steps: int
+    losses: list[float]
+    wall_s: float                      # this run's wall time (load excluded)
+    epoch_s: list[float] = field(default_factory=list)
+    cache_s: float = 0.0               # time spent filling the activation cache
+    output: Path | None = None
+    trainable_parameters: int = 0
+    resumed_from: int = 0
+    steps_per_epoch: int = 1
+    module: Any = None                 # the trained side chain / PEFT model / full model
+
+    @property
+    def final_loss(self) -> float | None:
+        """Mean loss over the last epoch's steps."""
+        if not self.losses:
+            return None
+        tail = self.losses[-self.steps_per_epoch:]
+        return sum(tail) / len(tail)
+
+
+def load_backbone(model: str, quant: str = "none") -> Backbone:
+    """The base model for training, frozen, optionally quantised (PAC+)."""
+    from training.model_store import load_torch
+    from training.parallel_adapters import freeze
+    from training.quant import quantize_backbone
+
+    ref = resolve(model)
+    if ref.kind == "personal":
+        raise HearthError(f"model {model} is already personalised: train from its base ({ref.personal.base})")
+    net, tokenizer = load_torch(ref)
+    freeze(net)
+    quantize_backbone(net, quant)
+    path = ref.path
+    identity = f"{ref.text}|{path}|{path.stat().st_size if path and path.is_file() else ''}|{quant}"
+    return Backbone(net, tokenizer, identity)
+
+
+def train(spec: JobSpec, resume: bool = False, on_event: Callable[[ProgressEvent], None] | None = None,
+          backbone: Backbone | None = None, save: bool = True, checkpoint_every_s: float = 30.0) -> TrainResult:
+    """Run (or resume) one job. `backbone` may be passed in to share a loaded model."""
+    emit = on_event or (lambda event: None)
+    job_dir = hearth_paths().jobs_dir / spec.name
+    checkpoint = load_checkpoint(job_dir) if resume else None
+    if checkpoint is not None and checkpoint.spec != spec:
+        raise HearthError(f"{job_dir}: the interrupted job was started with other settings; "
+                          "run again without --resume to start over")
+    if not resume:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+    conversations = read_conversations(Path(spec.data))  # every line checked before any work
+    emit(ProgressEvent("load", message=f"loading {spec.model}"))
+    if backbone is None:
+        backbone = load_backbone(spec.model, spec.quant)
+    examples = tokenize(conversations, backbone.tokenizer, spec.max_length)
+    run = _Run(spec, backbone, examples, job_dir, emit, checkpoint_every_s)
+    result = run.execute(checkpoint)
+    if save:
+        result.output = run.save_output(result)
+        shutil.rmtree(job_dir, ignore_errors=True)
+    emit(ProgressEvent("done", result.steps, result.steps, spec.epochs, result.final_loss,
+                       message=str(result.output or "")))
+    return result
+
+
+class _Run:
+    """One execution of a job: the trainable module, its optimiser, and the step loop."""
+
+    def __init__(self, spec: JobSpec, backbone: Backbone, examples: list[Example], job_dir: Path,
+                 emit: Callable[[ProgressEvent], None], checkpoint_every_s: float):
+        self.spec, self.backbone, self.examples = spec, backbone, examples
+        self.job_dir, self.emit, self.checkpoint_every_s = job_dir, emit, checkpoint_every_s
+        self.pad_id = backbone.tokenizer.pad_token_id or 0
+        self.cache: ActivationCache | None = None
+        torch.manual_seed(spec.seed)
+        self.module = self._build_module()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+    def _build_module(self) -> Any:
+        spec, model = self.spec, self.backbone.model
+        if spec.method == "pac":
+            from training.parallel_adapters import SideChain, SideChainConfig
+
+            self.chain_config = SideChainConfig.for_backbone(model, spec.tap_every, spec.reduction)
+            return SideChain(self.chain_config)
+        if spec.method == "lora":
+            from training.lora import LoraSettings, build_lora_model
+
+            return build_lora_model(model, LoraSettings(rank=spec.lora_rank, targets=spec.lora_targets))
+        for p in model.parameters():   # full fine-tuning: every weight trains
+            p.requires_grad_(True)
+        return model
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.module.named_parameters() if p.requires_grad}
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        params = dict(self.module.named_parameters())
+        missing = set(self.trainable_state()) - set(checkpoint.weights)
+        if missing:
+            raise HearthError(f"{self.job_dir}: checkpoint lacks {sorted(missing)[0]}; start again without --resume")
+        with torch.no_grad():
+            for name, value in checkpoint.weights.items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+
+    def execute(self, checkpoint: Checkpoint | None) -> TrainResult:
+        spec = self.spec
+        per_epoch = steps_per_epoch(len(self.examples), spec.batch_size)
+        total = per_epoch * spec.epochs
+        if spec.max_steps is not None:
+            total = min(total, spec.max_steps)
+        step, losses = 0, []
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            step, losses = checkpoint.step, list(checkpoint.losses)
+        result = TrainResult(spec, total, losses, 0.0, resumed_from=step, steps_per_epoch=per_epoch,
+                             trainable_parameters=sum(p.numel() for p in self.trainable_state().values()))
+        started = time.perf_counter()
+        if spec.method == "pac" and spec.cache and step < total:
+            result.cache_s = self._fill_cache()
+        epoch_started, last_checkpoint, done_here = time.perf_counter(), time.perf_counter(), 0
+        while step < total:
+            epoch = step // per_epoch
+            batch = batch_plan(len(self.examples), spec.batch_size, spec.seed, epoch)[step % per_epoch]
+            losses.append(self._step(batch))
+            step += 1
+            done_here += len(batch)
+            end_of_epoch = step % per_epoch == 0 or step == total
+            if end_of_epoch:
+                result.epoch_s.append(time.perf_counter() - epoch_started
+                                      + (result.cache_s if len(result.epoch_s) == 0 and epoch == 0 else 0.0))
+                epoch_started = time.perf_counter()
+            if end_of_epoch or time.perf_counter() - last_checkpoint >= self.checkpoint_every_s:
+                save_checkpoint(self.job_dir, Checkpoint(spec, step, self.trainable_state(),
+                                                         self.optimizer.state_dict(), losses))
+                last_checkpoint = time.perf_counter()
+            elapsed = time.perf_counter() - started
+            rate = done_here / elapsed if elapsed > 0 else None
+            remaining = (total - step) * spec.batch_size
+            self.emit(ProgressEvent("train", step, total, epoch + 1, losses[-1], rate,
+                                    remaining / rate if rate else None))
+        result.wall_s = time.perf_counter() - started
+        result.module = self.module
+        return result
+
+    # --- PAC -------------------------------------------------------------------------------
+
+    def _fill_cache(self) -> float:
+        """Epoch 1's backbone passes: fill every missing shard (resumes at the first missing one)."""
+        spec, model = self.spec, self.backbone.model
+        key = CacheKey(self.backbone.identity, tokenizer_fingerprint(self.backbone.tokenizer),
+                       examples_fingerprint(self.examples), tuple(self.chain_config.taps), spec.cache_dtype)
+        self.cache = ActivationCache(hearth_paths().activation_cache_dir, key, len(self.examples),
+                                     spec.cache_shard_size, len(self.chain_config.taps), self.chain_config.hidden_size)
+        started = time.perf_counter()
+        missing = self.cache.missing_shards()
+        for n, shard in enumerate(missing):
+            acts, targets = [], []
+            indices = list(self.cache.shard_range(shard))
+            for start in range(0, len(indices), spec.batch_size):
+                part = indices[start : start + spec.batch_size]
+                taps, batch_targets = self._taps_at_labels(part, per_sample=True)
+                acts.extend(taps)
+                targets.extend(batch_targets)
+            self.cache.write_shard(shard, acts, targets)
+            self.emit(ProgressEvent("cache", message=f"activation cache shard {n + 1}/{len(missing)}"))
+        return time.perf_counter() - started
+
+    def _taps_at_labels(self, indices: list[int], per_sample: bool = False):
+        """Backbone forward on these samples; taps and targets at their labelled positions."""
+        from training.parallel_adapters import backbone_taps, labelled_positions
+
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        taps, _ = backbone_taps(self.backbone.model, self.chain_config, batch.input_ids, batch.attention_mask)
+        rows, cols, targets = labelled_positions(batch)
+        selected = taps[rows, cols]
+        if not per_sample:
+            return selected, targets
+        counts = torch.bincount(rows, minlength=len(indices)).tolist()
+        return list(torch.split(selected, counts)), list(torch.split(targets, counts))
+
+    def _step(self, indices: list[int]) -> float:
+        spec = self.spec
+        if spec.method == "pac":
+            if self.cache is not None:
+                taps, targets = self.cache.batch(indices)
+            else:
+                taps, targets = self._taps_at_labels(indices)
+            loss, grads = pac_gradients(self.backbone.model, self.module, taps, targets)
+            apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm)
+            return loss
+        from training.lora import lora_step
+
+        batch = collate([self.examples[i] for i in indices], self.pad_id)
+        return lora_step(self.module, self.optimizer, batch, spec.max_grad_norm)
+
+    # --- output ----------------------------------------------------------------------------
+
+    def save_output(self, result: TrainResult) -> Path:
+        """The personalised model folder, written in one rename."""
+        spec = self.spec
+        if spec.method == "full":
+            raise HearthError("full fine-tuning is a benchmark baseline; it is not saved as a model")
+        target = hearth_paths().models_dir / spec.name
+        with atomic_dir(target) as tmp:
+            if spec.method == "pac":
+                save_side_chain(self.module, tmp)
+                fmt = "pac"
+            else:
+                from training.lora import save_adapter
+
+                save_adapter(self.module, tmp)
+                fmt = "peft"
+            manifest = PersonalModel(
+                name=spec.name, base=spec.model, method=spec.method, format=fmt,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                parameters=sum(p.numel() for p in self.backbone.model.parameters()),
+                details={"quant": spec.quant, "epochs": spec.epochs, "final_loss": result.final_loss,
+                         "trainable_parameters": result.trainable_parameters, "samples": len(self.examples),
+                         "data": os.path.basename(spec.data), "lr": spec.learning_rate,
+                         "spec": spec.to_dict()},
+            )
+            atomic_write_text(tmp / MANIFEST, manifest.to_json())
+        return target
+
+
+def save_side_chain(chain: Any, folder: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in chain.state_dict().items()}, str(folder / SIDE_CHAIN_WEIGHTS))
+    (folder / SIDE_CHAIN_CONFIG).write_text(json.dumps(chain.config.to_dict(), indent=2), "utf-8")
+
+
+def load_side_chain(folder: Path) -> Any:
+    import json
+
+    from safetensors.torch import load_file
+
+    from training.parallel_adapters import SideChain, SideChainConfig
+
+    try:
+        config = SideChainConfig.from_dict(json.loads((folder / SIDE_CHAIN_CONFIG).read_text("utf-8")))
+        chain = SideChain(config)
+        chain.load_state_dict(load_file(str(folder / SIDE_CHAIN_WEIGHTS)))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise HearthError(f"{folder}: cannot load the side chain ({str(exc).splitlines()[0][:160]})") from None
+    chain.eval()
+    return chain
