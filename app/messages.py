@@ -2,7 +2,8 @@
 
 High-rate messages carry the whole state so far (the reply text, the latest metrics) and say
 `can_replace` for an older one of the same stream: when the UI falls behind, Textual drops the
-stale ones and paints only the newest.
+stale ones and paints only the newest. They go to the screen that started the work and stop
+there (no bubbling to the app).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from textual.message import Message
 
 class ReplyProgress(Message):
     """The answer streamed so far in one conversation (the full text, not a piece)."""
+
+    bubble = False
 
     def __init__(self, conversation_id: int, stream_id: int, text: str) -> None:
         super().__init__()
@@ -26,6 +29,8 @@ class ReplyProgress(Message):
 class ReplyFinished(Message):
     """An answer ended (or was stopped) and is stored in the history."""
 
+    bubble = False
+
     def __init__(self, conversation_id: int, stream_id: int, text: str, stopped: bool, message_id: int) -> None:
         super().__init__()
         self.conversation_id = conversation_id
@@ -36,6 +41,8 @@ class ReplyFinished(Message):
 
 
 class ReplyFailed(Message):
+    bubble = False
+
     def __init__(self, conversation_id: int, stream_id: int, error: str) -> None:
         super().__init__()
         self.conversation_id = conversation_id
@@ -46,6 +53,8 @@ class ReplyFailed(Message):
 class EngineReady(Message):
     """A model finished loading (or failed to: `error` says why)."""
 
+    bubble = False
+
     def __init__(self, model: str, error: str = "") -> None:
         super().__init__()
         self.model = model
@@ -53,6 +62,8 @@ class EngineReady(Message):
 
 
 class DevicesChanged(Message):
+    bubble = False
+
     def __init__(self, devices: list) -> None:
         super().__init__()
         self.devices = devices
@@ -64,12 +75,16 @@ class DevicesChanged(Message):
 class PairingRequested(Message):
     """Another device asks to pair with this one: shown wherever the person is."""
 
+    bubble = False
+
     def __init__(self, request) -> None:  # app.services.devices.PairingRequest
         super().__init__()
         self.request = request
 
 
 class PairingFinished(Message):
+    bubble = False
+
     def __init__(self, paired: bool, text: str) -> None:
         super().__init__()
         self.paired = paired
@@ -78,6 +93,8 @@ class PairingFinished(Message):
 
 class TrainProgress(Message):
     """The latest progress of the running job (app.services.train.TrainStatus)."""
+
+    bubble = False
 
     def __init__(self, status) -> None:
         super().__init__()
@@ -88,6 +105,8 @@ class TrainProgress(Message):
 
 
 class TrainFinished(Message):
+    bubble = False
+
     def __init__(self, ok: bool, text: str) -> None:
         super().__init__()
         self.ok = ok
@@ -96,6 +115,8 @@ class TrainFinished(Message):
 
 class TaskDone(Message):
     """A one-off job of a screen finished (export, delete, ...): `error` is empty on success."""
+
+    bubble = False
 
     def __init__(self, what: str, text: str, error: str = "") -> None:
         super().__init__()

@@ -267,6 +267,8 @@ class Agent:
 
     def _sink(self, request: Request) -> dict:
         size = len(request.data or b"")
+        for tensor in (request.tensors or {}).values():
+            size += tensor.numel() * tensor.element_size()
         return {"bytes": size}
 
     def _unpair(self, request: Request) -> dict:

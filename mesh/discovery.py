@@ -14,6 +14,7 @@ byte; the agent drops such connections before TLS.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -90,17 +91,18 @@ class Discovery:
         threading.Thread(target=self._probe_loop, name="mesh-probe", daemon=True).start()
         return self
 
-    def advertise(self, device_id: str, name: str, kind: str, port: int, accepts_pairing: bool) -> None:
-        """Publish this device's record (goodbye is sent by close())."""
+    def advertise(self, device_id: str, name: str, kind: str, port: int, accepts_pairing: bool,
+                  instance: str | None = None) -> None:
+        """Publish this device's record (goodbye is sent by close()); instance defaults to the name."""
         from zeroconf import ServiceInfo
 
         addresses = self.interfaces or local_addresses()
         info = ServiceInfo(
             SERVICE_TYPE,
-            f"{_instance_label(name)}.{SERVICE_TYPE}",
+            f"{_instance_label(instance or name)}.{SERVICE_TYPE}",
             port=port,
             properties=_txt(device_id, name, kind, accepts_pairing),
-            server=f"hearth-{device_id[:16].lower()}.local.",
+            server=f"hearth-{os.urandom(6).hex()}.local.",
             parsed_addresses=addresses,
         )
         self._zc.register_service(info, allow_name_change=True)

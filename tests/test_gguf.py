@@ -95,13 +95,13 @@ def test_gguf_special_tokens_come_from_the_file(stories_torch):
     assert tokenizer.pad_token_id == 2
 
 
-def test_gguf_model_can_be_trained(stories_gguf: Path):
+def test_gguf_model_can_be_trained(stories_torch):
     """The dequantised weights are ordinary parameters: a few optimiser steps lower the loss."""
+    import copy
+
     import torch
 
-    from training.model_store import load_torch, resolve
-
-    model, tokenizer = load_torch(resolve(str(stories_gguf)))  # a fresh copy: the shared one stays as it is
+    model, tokenizer = copy.deepcopy(stories_torch[0]), stories_torch[1]  # the shared model stays as it is
     batch = tokenizer("Hearth keeps the family's notes at home.", return_tensors="pt").input_ids
     optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()

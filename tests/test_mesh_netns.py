@@ -187,7 +187,7 @@ def _run_impostor(real_cert_der: bytes, name: str, claimed_id: str, port: int, a
     agent = Agent(AgentConfig(name=name, port=port, interfaces=[address], advertise=False), identity,
                   TrustStore(__import__("pathlib").Path(home) / "trusted")).start()
     discovery = Discovery([address]).start()
-    discovery.advertise(claimed_id, name, "laptop", agent.port, True)
+    discovery.advertise(claimed_id, name, "laptop", agent.port, True, instance=f"{name} (2)")
     open(ready_file, "w").close()
     while not os.path.exists(stop_file):
         time.sleep(0.1)

@@ -13,9 +13,9 @@ kept fraction of heads/channels (forward + backward, 3x forward), divided by the
 plus moving the LoRA factors (same rank, kept rows only) and the classifier head both ways over
 its link. The small model stands in for SmolLM2 in accuracy only; the docs say so.
 
-The backbone is "pretrained" centrally, before federated training, on a public 20% of the
-training split with the 10 CLINC domains as labels (a coarse task); the federated task is the
-150 intents on the other 80%, with a new classifier head and LoRA.
+The backbone is "pretrained" centrally, before federated training, by masked-word prediction on
+the texts of a public 20% of the training split (no labels); the federated task is the 150
+intents on the other 80%, with a new classifier head and LoRA.
 
 Pruning here is by masks, not the physical removal of training/pruning.py: that module works on
 transformers/PEFT models and would rebuild a model per device per round; a masked head or channel
@@ -112,10 +112,11 @@ class SimConfig:
     scale: str = "quick"
     devices: int = 80
     rounds: int = 40
-    clients_per_round: int = 16
+    clients_per_round: int = 10
     local_steps: int = 5
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float = 1e-2                   # LoRA factors (Adam, fresh each round)
+    head_lr: float = 5e-2              # the classifier head, trained from zero
     target_sparsity: float = 0.3
     warmup_rounds: int = 3
     ramp_rounds: int = 15
@@ -129,7 +130,7 @@ class SimConfig:
     channels: int = 256
     max_tokens: int = 16
     vocab_size: int = 4000
-    pretrain_steps: int = 300
+    pretrain_steps: int = 150
     lora_scale: float = 2.0
     eval_samples: int = 3000
     methods: tuple[str, ...] = METHODS
@@ -160,7 +161,7 @@ class Encoded:
 
 @dataclass
 class FleetData:
-    pretrain: Encoded                  # public split with domain labels
+    pretrain: Encoded                  # public split (texts for masked-word pretraining)
     eval: Encoded                      # validation split, intent labels
     client_indices: list[list[int]]    # per device, indices into `train`
     train: Encoded                     # federated split, intent labels
@@ -173,17 +174,15 @@ def _words(text: str) -> list[str]:
 
 
 def load_fleet_data(path: Path, config: SimConfig) -> FleetData:
-    """CLINC150: 20% of train (domain labels) to pretrain, 80% split over devices by Dirichlet."""
+    """CLINC150: 20% of train (texts only) to pretrain, 80% split over devices by Dirichlet."""
     try:
         raw = json.loads(Path(path).read_text())
-        domains = json.loads((Path(path).parent / "domains.json").read_text())
         train, val = raw["train"], raw["val"]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise HearthError(f"{path}: cannot read CLINC150 ({exc})") from None
     rng = random.Random(config.seed)
     intents = sorted({label for _, label in train})
     intent_id = {name: i for i, name in enumerate(intents)}
-    domain_of = {intent: i for i, (_, members) in enumerate(sorted(domains.items())) for intent in members}
 
     by_intent: dict[str, list[int]] = {}
     for i, (_, label) in enumerate(train):
@@ -209,7 +208,7 @@ def load_fleet_data(path: Path, config: SimConfig) -> FleetData:
             ids[r, : len(tokens)] = torch.tensor(tokens)
         return Encoded(ids, torch.tensor([label for _, label in rows], dtype=torch.long))
 
-    pretrain = encode([(train[i][0], domain_of[train[i][1]]) for i in public])
+    pretrain = encode([(train[i][0], 0) for i in public])   # texts only
     fed = encode([(train[i][0], intent_id[train[i][1]]) for i in private])
     val_rows = [(t, intent_id[label]) for t, label in val]
     rng.shuffle(val_rows)
@@ -283,6 +282,12 @@ class TinyLlama(torch.nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
 
     def features(self, ids: torch.Tensor, lora=None, keep: KeepMask | None = None) -> torch.Tensor:
+        """Mean-pooled final hidden states of the non-padding tokens."""
+        x = self.hidden_states(ids, lora, keep)
+        m = (ids != 0).unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def hidden_states(self, ids: torch.Tensor, lora=None, keep: KeepMask | None = None) -> torch.Tensor:
         c = self.config
         mask = ids != 0
         x = self.embed(ids)
@@ -304,32 +309,36 @@ class TinyLlama(torch.nn.Module):
             if keep is not None:
                 act = act * keep.channels[layer].to(act.dtype)
             x = x + self._linear(act, layer, "down", lora)
-        x = self._norm(x, self.weights["final_norm"])
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp_min(1)
+        return self._norm(x, self.weights["final_norm"])
 
     def logits(self, ids, head: dict[str, torch.Tensor], lora=None, keep=None) -> torch.Tensor:
         return self.features(ids, lora, keep) @ head["weight"].T + head["bias"]
 
 
 def pretrain_backbone(model: TinyLlama, data: Encoded, config: SimConfig) -> float:
-    """Train the whole small model on the public domain task; returns its accuracy on that data."""
+    """Masked-word pretraining of the whole small model on the public texts (15% of the words
+    hidden, predicted through the tied embedding); returns its masked-word accuracy on the last
+    batches. The federated task's labels are never seen here."""
     torch.manual_seed(config.seed)
-    classes = int(data.labels.max()) + 1
-    head = {"weight": torch.nn.Parameter(torch.zeros(classes, config.hidden)), "bias": torch.nn.Parameter(torch.zeros(classes))}
-    params = list(model.parameters()) + list(head.values())
-    optimizer = torch.optim.Adam(params, lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.pretrain_steps):
-        idx = torch.randint(len(data.labels), (64,), generator=gen)
-        loss = F.cross_entropy(model.logits(data.ids[idx], head), data.labels[idx])
+    right = seen = 0
+    for step in range(config.pretrain_steps):
+        ids = data.ids[torch.randint(len(data.ids), (64,), generator=gen)]
+        hide = (torch.rand(ids.shape, generator=gen) < 0.15) & (ids > 1)
+        hide[:, 0] |= ~hide.any(dim=1) & (ids[:, 0] > 1)
+        inputs = ids.masked_fill(hide, 1)
+        logits = model.hidden_states(inputs)[hide] @ model.embed.weight.T
+        loss = F.cross_entropy(logits, ids[hide])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step >= config.pretrain_steps - 20:
+            right += int((logits.argmax(-1) == ids[hide]).sum())
+            seen += int(hide.sum())
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.no_grad():
-        return float((model.logits(data.ids, head).argmax(-1) == data.labels).float().mean())
+    return right / max(seen, 1)
 
 
 def layout_for(model: TinyLlama) -> UnitLayout:
@@ -400,7 +409,8 @@ def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: d
     a = {n: f.a.clone().requires_grad_(True) for n, f in lora.items()}
     b = {n: f.b.clone().requires_grad_(True) for n, f in lora.items()}
     w = {k: v.clone().requires_grad_(True) for k, v in head.items()}
-    optimizer = torch.optim.Adam([*a.values(), *b.values(), *w.values()], lr=config.lr)
+    optimizer = torch.optim.Adam([{"params": [*a.values(), *b.values()], "lr": config.lr},
+                                  {"params": list(w.values()), "lr": config.head_lr}])
     batches = [torch.tensor([indices[rng.randrange(len(indices))] for _ in range(config.batch_size)]) for _ in range(config.local_steps)]
     first = batches[0]
 

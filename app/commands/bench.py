@@ -12,6 +12,7 @@ import json
 
 # name -> (module, one-line description). Add a line when a benchmark really runs.
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "transport": ("mesh.bench_transport", "mesh transport: mutual TLS vs plain TCP, mesh averaging vs gloo all_reduce"),
 }
 
 
