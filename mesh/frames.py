@@ -47,16 +47,17 @@ class Frame:
 
 
 def encode_frame(frame: Frame, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes]:
-    """The frame as a list of byte strings to send in order (prefix+header, payload)."""
+    """The frame as buffers to send in order: prefix+header, then the payload's pieces."""
     check_header(frame.kind, frame.type, frame.id, frame.fields)
     if frame.tensors is not None and frame.data is not None:
         raise FrameError("a frame carries tensors or bytes, not both")
     if frame.tensors is not None:
-        payload, fmt = encode_tensors(frame.tensors), "st"
+        parts, fmt = tensor_parts(frame.tensors), "st"
     elif frame.data is not None:
-        payload, fmt = bytes(frame.data), "raw"
+        parts, fmt = [bytes(frame.data)], "raw"
     else:
-        payload, fmt = b"", ""
+        parts, fmt = [], ""
+    payload_len = sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
     import msgpack
 
     header = msgpack.packb(
@@ -65,13 +66,13 @@ def encode_frame(frame: Frame, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes
     )
     if len(header) > MAX_HEADER:
         raise FrameError(f"frame header of {len(header)} bytes is over the {MAX_HEADER}-byte limit")
-    if len(header) + len(payload) > max_frame:
-        raise FrameError(f"frame of {len(header) + len(payload)} bytes is over the {max_frame}-byte limit")
-    return [PREFIX.pack(len(header), len(payload)) + header, payload]
+    if len(header) + payload_len > max_frame:
+        raise FrameError(f"frame of {len(header) + payload_len} bytes is over the {max_frame}-byte limit")
+    return [PREFIX.pack(len(header), payload_len) + header, *parts]
 
 
 def frame_bytes(frame: Frame, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    return b"".join(encode_frame(frame, max_frame))
+    return b"".join(bytes(part) for part in encode_frame(frame, max_frame))
 
 
 def decode_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[int, int]:
@@ -86,7 +87,7 @@ def decode_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[in
     return header_len, payload_len
 
 
-def decode_body(header: bytes, payload: bytes) -> Frame:
+def decode_body(header: bytes, payload: bytes | bytearray) -> Frame:
     """A frame from its header and payload bytes; FrameError on anything malformed."""
     import msgpack
 
@@ -121,7 +122,7 @@ def decode_frame(buf: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
     if len(buf) != PREFIX.size + header_len + payload_len:
         raise FrameError(f"frame length mismatch: prefix says {header_len + payload_len}, got {len(buf) - PREFIX.size}")
     body = memoryview(buf)[PREFIX.size:]
-    return decode_body(bytes(body[:header_len]), bytes(body[header_len:]))
+    return decode_body(bytes(body[:header_len]), bytearray(body[header_len:]))
 
 
 def check_header(kind: Any, type_: Any, id_: Any, fields: Any) -> None:
@@ -162,32 +163,119 @@ def _check_value(value: Any, depth: int, where: str) -> None:
     raise FrameError(f"{where}: values of type {type(value).__name__} are not allowed")
 
 
+# safetensors dtype names <-> torch dtypes (the format: u64 little-endian header length, a JSON
+# header {name: {dtype, shape, data_offsets}}, then the raw little-endian data).
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+_MAX_ST_HEADER = 1 << 20
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, _ST_DTYPES[name])
+
+
 def encode_tensors(tensors: dict[str, Any]) -> bytes:
-    """Tensors as safetensors bytes (contiguous copies; names must be strings)."""
-    from safetensors.torch import save
+    """Tensors as one safetensors byte string (tests and small payloads; frames use the parts)."""
+    return b"".join(bytes(part) for part in tensor_parts(tensors))
+
+
+def tensor_parts(tensors: dict[str, Any]) -> list:
+    """Tensors as safetensors, in pieces: the header, then a zero-copy view of each tensor's bytes.
+
+    Written by hand rather than with safetensors.torch.save so a 40 MB tensor is not copied on
+    the way to the socket; the bytes are standard safetensors (a test loads them with the
+    safetensors library, and the library's output decodes here).
+    """
+    import json
+
+    import torch
 
     if not tensors:
         raise FrameError("an empty tensor payload is not allowed; send no payload instead")
-    prepared = {}
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or not name or len(name) > 256:
+    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+    entries, views, offset = {}, [], 0
+    # Largest elements first keeps every tensor aligned to its element size.
+    order = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    for name, tensor in order:
+        if not isinstance(name, str) or not name or len(name) > 256 or name == "__metadata__":
             raise FrameError(f"bad tensor name {name!r}")
-        prepared[name] = tensor.detach().contiguous()
+        if not isinstance(tensor, torch.Tensor) or str(tensor.dtype).removeprefix("torch.") not in names:
+            raise FrameError(f"tensor {name!r}: unsupported type {getattr(tensor, 'dtype', type(tensor))}")
+        t = tensor.detach().cpu().contiguous()
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": names[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + size]}
+        if size:
+            views.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # pad so the data starts 8-byte aligned
+    return [len(header).to_bytes(8, "little") + header, *views]
+
+
+def decode_tensors(payload: bytes | bytearray) -> dict[str, Any]:
+    """Tensors from safetensors bytes, sharing `payload`'s memory when it is a bytearray.
+
+    Every header entry is checked (known dtype, shape matches its byte range, ranges in order,
+    contiguous and inside the payload); FrameError otherwise.
+    """
+    import json
+
+    import torch
+
+    if len(payload) < 8:
+        raise FrameError("tensor payload shorter than its header length")
+    header_len = int.from_bytes(payload[:8], "little")
+    if not 2 <= header_len <= min(_MAX_ST_HEADER, len(payload) - 8):
+        raise FrameError("tensor payload header length out of range")
     try:
-        return save(prepared)
-    except RuntimeError:
-        # Tensors that share storage (views of one buffer) must be cloned for safetensors.
-        return save({name: t.clone() for name, t in prepared.items()})
-
-
-def decode_tensors(payload: bytes) -> dict[str, Any]:
-    """Tensors from safetensors bytes; FrameError when the bytes are not valid safetensors."""
-    from safetensors.torch import load
-
-    try:
-        tensors = load(bytes(payload))
-    except Exception as exc:  # SafetensorError and friends: the payload is malformed
-        raise FrameError(f"malformed tensor payload ({type(exc).__name__})") from None
-    if not tensors:
+        header = json.loads(bytes(payload[8 : 8 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise FrameError("tensor payload header is not JSON") from None
+    if not isinstance(header, dict):
+        raise FrameError("tensor payload header must be a map")
+    header.pop("__metadata__", None)
+    if not header:
         raise FrameError("tensor payload holds no tensors")
+    base, data_len = 8 + header_len, len(payload) - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise FrameError(f"tensor {name[:40]!r}: bad header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise FrameError(f"tensor {name[:40]!r}: unsupported dtype {str(dtype)[:20]!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+            raise FrameError(f"tensor {name[:40]!r}: bad shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise FrameError(f"tensor {name[:40]!r}: bad data offsets")
+        numel = math.prod(shape)
+        itemsize = _torch_dtype(dtype).itemsize
+        if offsets[1] - offsets[0] != numel * itemsize:
+            raise FrameError(f"tensor {name[:40]!r}: shape does not match its byte range")
+        spans.append((offsets[0], offsets[1], name, dtype, shape, numel))
+    spans.sort()
+    position = 0
+    for begin, end, name, *_ in spans:
+        if begin != position:
+            raise FrameError(f"tensor {name[:40]!r}: byte ranges overlap or leave gaps")
+        position = end
+    if position != data_len:
+        raise FrameError("tensor byte ranges do not cover the payload exactly")
+    buffer = payload if isinstance(payload, bytearray) else bytearray(payload)
+    tensors = {}
+    for begin, end, name, dtype, shape, numel in spans:
+        torch_dtype = _torch_dtype(dtype)
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=torch_dtype)
+        elif (base + begin) % torch_dtype.itemsize == 0:
+            tensors[name] = torch.frombuffer(buffer, dtype=torch_dtype, count=numel, offset=base + begin).reshape(shape)
+        else:  # unaligned (another writer's layout): copy instead of sharing
+            tensors[name] = torch.frombuffer(bytearray(buffer[base + begin : base + end]), dtype=torch_dtype).reshape(shape)
     return tensors

@@ -147,7 +147,10 @@ class MeshService:
 
     def add_address(self, host: str, port: int) -> DeviceInfo:
         """The add-by-address fallback: ask the device at host:port who it is (pairing-mode hello)."""
-        sock, cert = dial_pairing(self.identity, host, port)
+        try:
+            sock, cert = dial_pairing(self.identity, host, port)
+        except OSError as exc:
+            raise MeshError(f"cannot reach a Hearth device at {host}:{port}: {exc.strerror or exc}") from None
         conn = Connection(sock, PeerInfo("", "", cert, host))
         try:
             info = call(conn, "pair.info", {}, 10)

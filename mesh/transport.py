@@ -224,6 +224,7 @@ class Connection:
         self.refused = False
         self.on_close: list[Callable[["Connection"], None]] = []
         self._send_lock = threading.RLock()
+        self._close_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -243,19 +244,30 @@ class Connection:
 
     def send(self, frame: Frame) -> None:
         parts = encode_frame(frame, self.max_frame)
+        failure: OSError | None = None
         with self._send_lock:
             if self.closed.is_set():
-                if self.refused:
-                    raise PeerRefused(f"{self._who()} {self.close_reason}")
-                raise ConnectionClosed(f"connection to {self._who()} is closed: {self.close_reason}")
+                self._raise_closed()
             try:
                 for part in parts:
                     if part:
                         self.sock.sendall(part)
+                self._last_sent = time.monotonic()
             except OSError as exc:
-                self.close(f"send failed: {exc}")
-                raise ConnectionClosed(f"connection to {self._who()} lost: {exc}") from None
-            self._last_sent = time.monotonic()
+                failure = exc
+        if failure is not None:
+            # The reader usually knows why (a TLS alert refusing our certificate arrives after
+            # our side of the handshake is done): give it a moment to say so.
+            reader = self._threads[0] if self._threads else None
+            if reader is not None and reader is not threading.current_thread():
+                reader.join(2.0)
+            self.close(f"send failed: {failure}")
+            self._raise_closed()
+
+    def _raise_closed(self) -> None:
+        if self.refused:
+            raise PeerRefused(f"{self._who()} {self.close_reason}")
+        raise ConnectionClosed(f"connection to {self._who()} closed: {self.close_reason}")
 
     def request(self, type: str, fields: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None,
                 data: bytes | None = None, timeout: float = 30.0) -> Reply:
@@ -303,7 +315,7 @@ class Connection:
         header_len, payload_len = decode_prefix(bytes(self._recv_exact(PREFIX.size)), self.max_frame)
         header = self._recv_exact(header_len)
         payload = self._recv_exact(payload_len) if payload_len else b""
-        return decode_body(bytes(header), payload)
+        return decode_body(bytes(header), payload)  # tensors share `payload`: no copy
 
     def _read_loop(self) -> None:
         reason = "closed"
@@ -337,6 +349,7 @@ class Connection:
             reason = str(exc) or type(exc).__name__
         finally:
             self.close(reason)
+            self._release()
 
     def _heartbeat_loop(self) -> None:
         while not self.closed.wait(self.heartbeat_s / 2):
@@ -347,22 +360,22 @@ class Connection:
                     return
 
     def close(self, reason: str = "closed") -> None:
-        if self.closed.is_set():
-            return
-        self.close_reason = reason
-        self.closed.set()
-        # Shut the raw socket down first (SSLSocket.shutdown would drop the TLS object while a
-        # sender might still write), which wakes the reader and fails any blocked send; close
-        # under the send lock so no send can run on a half-closed TLS socket.
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            self.close_reason = reason
+            self.closed.set()
+        # Shut the socket down (wakes the reader, fails a blocked send) but let only the reader
+        # thread close the descriptor: closing it under a blocked reader could let the number be
+        # reused by a new socket while the old reader still polls it. SSLSocket.shutdown would
+        # also drop the TLS object under a sender, so the plain socket's shutdown is used.
         try:
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
-        with self._send_lock:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        reader = self._threads[0] if self._threads else None
+        if reader is None or reader is threading.current_thread():
+            self._release()
         with self._pending_lock:
             for pending in self._pending.values():
                 pending.event.set()
@@ -371,6 +384,13 @@ class Connection:
                 callback(self)
             except Exception:
                 log.exception("on_close callback failed")
+
+    def _release(self) -> None:
+        with self._send_lock:  # no send is running on this socket once we hold the lock
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def _who(self) -> str:
         return self.peer.name or self.peer.device_id[:7] or self.peer.address

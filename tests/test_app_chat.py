@@ -221,13 +221,13 @@ async def test_prompt_history_walks_with_up_and_down(hearth_home, stories_gguf):
 
 @run_async
 async def test_keys_come_from_the_config_and_ctrl_q_quits_from_a_dialog(hearth_home, stories_gguf):
-    write_config(hearth_home, chat=stories_chat(stories_gguf), keys={"new_chat": "ctrl+k", "models": "f9"})
+    write_config(hearth_home, chat=stories_chat(stories_gguf), keys={"new_chat": "ctrl+l", "models": "f9"})
     _seed_history()
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app)
         assert app.screen.conversation_id is not None
-        await pilot.press("ctrl+k")
+        await pilot.press("ctrl+l")
         assert app.screen.conversation_id is None
         await pilot.press("f9")
         await pilot.pause()

@@ -105,6 +105,18 @@ def test_frame_roundtrip_is_bit_exact():
         assert back.tensors[name].contiguous().view(torch.uint8).tolist() == tensor.contiguous().view(torch.uint8).tolist()
 
 
+def test_tensor_payload_is_standard_safetensors_both_ways():
+    from safetensors.torch import load, save
+
+    from mesh.frames import decode_tensors, encode_tensors
+
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "n": torch.arange(7), "m": torch.ones(2, dtype=torch.bool)}
+    ours = load(encode_tensors(tensors))
+    theirs = decode_tensors(save(tensors))
+    for name, tensor in tensors.items():
+        assert torch.equal(ours[name], tensor) and torch.equal(theirs[name], tensor)
+
+
 def test_oversized_and_malformed_frames_are_refused_by_the_decoder():
     big = frame_bytes(Frame("req", "x", 1, {}, data=b"\x00" * 2000))
     with pytest.raises(FrameError, match="over"):
@@ -356,3 +368,15 @@ def test_bad_prelude_or_garbage_closes_only_that_socket(make_device):
             with socket.create_connection((LOOP, b.agent.port)) as raw:
                 raw.sendall(garbage)
         assert peer.hello()["name"] == "beta"
+
+
+def test_mesh_never_imports_transformers_or_peft():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib, pkgutil, mesh\n"
+            "for m in pkgutil.iter_modules(mesh.__path__): importlib.import_module('mesh.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('transformers', 'peft')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

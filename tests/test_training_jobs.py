@@ -41,7 +41,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method", ["pac", "lora"])
 def test_train_resumes_after_sigkill_with_no_step_lost_or_repeated(method, tmp_path):
     home = tmp_path / "home"
-    epochs = 12
+    epochs = 6
     whole = _hearth(home, *_train_args("whole", method, epochs))
     out, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err

@@ -111,12 +111,12 @@ class CostModel:
 class SimConfig:
     scale: str = "quick"
     devices: int = 80
-    rounds: int = 40
+    rounds: int = 30
     clients_per_round: int = 10
-    local_steps: int = 5
+    local_steps: int = 10
     batch_size: int = 16
-    lr: float = 1e-2                   # LoRA factors (Adam, fresh each round)
-    head_lr: float = 5e-2              # the classifier head, trained from zero
+    lr: float = 2e-2                   # LoRA factors (Adam, fresh each round)
+    head_lr: float = 1e-1              # the classifier head, trained from zero
     target_sparsity: float = 0.3
     warmup_rounds: int = 3
     ramp_rounds: int = 15
@@ -130,7 +130,7 @@ class SimConfig:
     channels: int = 256
     max_tokens: int = 16
     vocab_size: int = 4000
-    pretrain_steps: int = 150
+    pretrain_steps: int = 300
     lora_scale: float = 2.0
     eval_samples: int = 3000
     methods: tuple[str, ...] = METHODS
@@ -366,7 +366,8 @@ def initial_lora(model: TinyLlama, rank: int, seed: int) -> dict[str, LoraFactor
 
 # --- one device's round ---------------------------------------------------------------------
 
-def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 keep: KeepMask) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRAPrune-style importance: G = s(dB A + B dA); |G * (W + s B A)| summed per unit,
     normalised per layer (the formula of training/pruning.LoraImportance, on plain tensors)."""
     c = model.config
@@ -389,6 +390,9 @@ def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str
             channels[layer] += score.sum(dim=1)
         else:
             channels[layer] += score.sum(dim=0)
+    # A pruned unit is not observed (its estimate would come from the other side's factors only).
+    heads = heads * keep.heads
+    channels = channels * keep.channels
     heads = heads / heads.sum(dim=1, keepdim=True).clamp_min(1e-12)
     channels = channels / channels.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return heads, channels
@@ -427,7 +431,7 @@ def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: d
         loss_on(idx).backward()
         with torch.no_grad():
             grads = {n: (a[n].grad, b[n].grad) for n in a}
-            h, c = _unit_scores(model, {n: LoraFactors(a[n], b[n]) for n in a}, grads)
+            h, c = _unit_scores(model, {n: LoraFactors(a[n], b[n]) for n in a}, grads, keep)
             heads += h / len(batches)
             channels += c / len(batches)
         optimizer.step()

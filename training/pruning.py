@@ -110,9 +110,9 @@ def magnitude_importance(model: Any) -> UnitScores:
 def activation_importance(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> UnitScores:
     """Importance from calibration activations, for pruning without training.
 
-    A channel scores the size of what it writes back to the residual stream, summed over tokens
-    (|activation| times the norm of its down column); a query head scores the norm of its share of
-    the o projection's output. Padding tokens (attention_mask 0) do not count.
+    A unit scores the size of what it writes back to the residual stream, summed over tokens: a
+    channel |activation| times the norm of its down column, a query head the norm of its attention
+    output times the norm of its o columns. Padding tokens (attention_mask 0) do not count.
     """
     config = _config(model)
     d = _head_dim(config)
@@ -138,14 +138,13 @@ def activation_importance(model: Any, batches: Iterable[dict[str, torch.Tensor]]
             x = inputs[0].detach().float()
             w = _weight(module).float()
             h = x.shape[-1] // d
-            per_head = x.view(*x.shape[:-1], h, d)
-            w_heads = w.view(w.shape[0], h, d)
-            # Each head's contribution to the output: x_h @ W_o[:, h]^T, then its norm per token.
-            out = torch.einsum("bthd,ohd->btho", per_head, w_heads).norm(dim=-1)
+            # |x_h| · ||W_o[:, h]|| (Wanda-style): a bound on the head's share of the output that
+            # needs no per-head matrix products.
+            token_norms = x.view(*x.shape[:-1], h, d).norm(dim=-1)
             m = mask_box[0]
             if m is not None:
-                out = out * m.unsqueeze(-1)
-            heads[index] += out.sum(dim=(0, 1))
+                token_norms = token_norms * m.unsqueeze(-1)
+            heads[index] += token_norms.sum(dim=(0, 1)) * w.view(w.shape[0], h, d).norm(dim=(0, 2))
         return hook
 
     for i, layer in enumerate(layers):
@@ -414,11 +413,11 @@ class PruneResult:
     parameters_after: int
 
 
-CALIBRATION_EXAMPLES = 64   # enough for stable activation statistics, a few seconds on a laptop
+CALIBRATION_EXAMPLES = 32   # enough for stable activation statistics, a few seconds on a laptop
 
 
 def calibration_batches(path: Path, tokenizer: Any, examples: int = CALIBRATION_EXAMPLES,
-                        batch_size: int = 4, max_length: int = 256) -> list[dict[str, torch.Tensor]]:
+                        batch_size: int = 4, max_length: int = 128) -> list[dict[str, torch.Tensor]]:
     """Padded batches of the first `examples` samples of a training-data file (training.data)."""
     from training.data import collate, load_examples
 

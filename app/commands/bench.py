@@ -12,6 +12,9 @@ import json
 
 # name -> (module, one-line description). Add a line when a benchmark really runs.
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "training": ("training.bench_training", "PAC (cache, no cache, NF4) vs PEFT LoRA vs full fine-tuning: time, memory, accuracy"),
+    "federated": ("training.bench_federated", "FedSpine vs HetLoRA / uniform pruning / random on a simulated fleet"),
+    "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%/50% vs transformers, against the bandwidth bound"),
     "transport": ("mesh.bench_transport", "mesh transport: mutual TLS vs plain TCP, mesh averaging vs gloo all_reduce"),
 }
 

@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     service = MeshService(serve=True, on_pairing_request=requests.put, **overrides)
     service.start()
     assert service.agent is not None
+    from mesh.job_parts import register_job_parts
+
+    register_job_parts(service.agent)   # pooled training parts (training loads on first use)
     service.agent.responder.on_result = lambda incoming, outcome: say(f"Pairing with {incoming.peer_name}: {outcome}")
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=prompt_loop, daemon=True).start()

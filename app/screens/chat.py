@@ -58,7 +58,7 @@ class ChatScreen(Screen):
         Binding("ctrl+t", "teach", "Teach", id="teach"),
         Binding("ctrl+y", "copy_message", "Copy", id="copy"),
         Binding("ctrl+b", "copy_code", "Copy code", id="copy_code", show=False),
-        Binding("ctrl+e", "export", "Export", id="export", show=False),
+        Binding("ctrl+s", "export", "Export", id="export", show=False),
         Binding("ctrl+o", "system_prompt", "System prompt", id="system_prompt", show=False),
     ]
 

@@ -32,9 +32,10 @@ REPAINT_S = 0.1
 class TrainScreen(Screen):
     CSS_PATH = "../styles/train.tcss"
     BINDINGS = [
-        Binding("ctrl+g", "start", "Start", id="start"),
-        Binding("ctrl+x", "cancel", "Cancel job", id="cancel"),
-        Binding("ctrl+u", "resume", "Resume", id="resume"),
+        # priority: the form's inputs would otherwise take these keys (cut, delete line).
+        Binding("ctrl+g", "start", "Start", id="start", priority=True),
+        Binding("ctrl+x", "cancel", "Cancel job", id="cancel", priority=True),
+        Binding("ctrl+u", "resume", "Resume", id="resume", priority=True),
     ]
 
     def __init__(self, train: TrainService, models: ModelsService, devices: DevicesService) -> None:

@@ -1,0 +1,40 @@
+"""Pooled training's job parts on the device agent (`hearth worker`).
+
+`register_job_parts(agent)` adds the `pac.*` request types of training/worker_parts.py to the
+agent's handler registry. Only paired devices reach them (the registry checks the trust store
+before every request), and a job can only be used by the device that opened it. A base model the
+worker lacks arrives first through the agent's own chunked, SHA-256-checked file transfer
+(files.py); `pac.open` then finds it where that receiver put it.
+
+Training code is imported inside the handlers, so the mesh loads torch and transformers only on
+a device that is actually handed a job; this module itself imports neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.handlers import Request
+from mesh.transport import Reply
+
+
+def register_job_parts(agent: Any) -> Any:
+    """Serve pooled-training parts on `agent`; returns the WorkerJobs that holds the open jobs."""
+    from training.worker_parts import PART_FIELDS, WorkerJobs
+
+    root = agent.files.root
+    jobs = WorkerJobs(received_model=lambda sha256, name: _received(root, sha256, name))
+
+    def handler(request: Request) -> Reply:
+        fields, tensors = jobs.handle(request.peer.device_id, request.type, request.fields, request.tensors)
+        return Reply(fields, tensors)
+
+    for type, fields in PART_FIELDS.items():
+        agent.register_handler(type, handler, fields)
+    return jobs
+
+
+def _received(root, sha256: str, name: str):
+    from mesh.files import _check_name, _check_sha, received_path
+
+    return received_path(_check_sha(sha256), _check_name(name), root)

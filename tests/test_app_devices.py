@@ -1,0 +1,151 @@
+"""The Devices screen against a real `hearth worker` process on loopback: the worker is found
+(by address), paired through the app's pairing dialog (the same code on both sides, the worker's
+person answering on its stdin), shows its memory and cores, and is unpaired. Then a pairing
+request from another process pops up over the app and is accepted there."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from app_helpers import SIZE, make_app, run_async, settle, stories_chat, wait_until, write_config
+from app.widgets.dialogs import ConfirmDialog, PairingDialog
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+class Worker:
+    """`hearth worker` in its own HEARTH_HOME; its stdout lines arrive in a queue."""
+
+    def __init__(self, home: Path, name: str):
+        env = {**os.environ, "HEARTH_HOME": str(home), "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "worker", "--name", name, "--kind", "desktop",
+             "--interface", "127.0.0.1", "--port", "0"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = int(self.expect(r"on port (\d+)").group(1))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            found = re.search(pattern, line)
+            if found:
+                return found
+        raise AssertionError(f"the worker never printed {pattern!r}")
+
+    def answer(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = Worker(tmp_path / "worker-home", "kitchen")
+    yield w
+    w.stop()
+
+
+def _row(app, name):
+    return next((r for r in app.screen.rows if r.name == name), None)
+
+
+@run_async
+async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home, worker, stories_gguf, tmp_path):
+    write_config(hearth_home, chat=stories_chat(stories_gguf),
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"]})
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        assert app.services.devices.started and not app.services.devices.error
+        await pilot.press("f2")
+        await pilot.pause()
+        assert app.current_mode == "devices"
+        app.screen.query_one("#add-address").value = f"127.0.0.1:{worker.port}"
+        app.screen.query_one("#add-address").focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: _row(app, "kitchen") is not None, 30, "the worker in the list")
+        kitchen = _row(app, "kitchen")
+        assert kitchen.kind == "desktop" and not kitchen.paired
+
+        table = app.screen.query_one("#device-table")
+        table.move_cursor(row=app.screen.rows.index(kitchen))
+        table.focus()
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 30, "the pairing dialog")
+        shown = app.screen.query_one("#code").render()
+        code = worker.expect(r"Code: (\d{6})").group(1)
+        assert str(shown).replace(" ", "") == code          # the same six digits on both devices
+        assert "What pairing grants" in str(app.screen.query_one(".grant").render())
+        worker.answer("y")
+        await pilot.pause(0.3)
+        await pilot.click("#accept")
+        await wait_until(pilot, lambda: (_row(app, "kitchen") or kitchen).paired, 60, "the pairing")
+        await wait_until(pilot, lambda: _row(app, "kitchen").cores, 60, "the worker's profile")
+        kitchen = _row(app, "kitchen")
+        assert kitchen.cores == os.cpu_count() and kitchen.memory_gb > 0 and kitchen.state == "idle"
+
+        table.move_cursor(row=app.screen.rows.index(kitchen))
+        await pilot.press("u")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the unpair question")
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: _row(app, "kitchen") is not None and not _row(app, "kitchen").paired,
+                         30, "the unpairing")
+        assert app.services.devices.paired_count() == 0
+
+
+@run_async
+async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_home, stories_gguf, tmp_path):
+    write_config(hearth_home, chat=stories_chat(stories_gguf),
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"]})
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")                 # the person is on the Models screen
+        await pilot.pause()
+        port = app.services.devices.port
+        assert port
+        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
+        asker = subprocess.Popen(
+            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
+            assert app.current_mode == "models"
+            await pilot.pause(0.3)              # laid out before it is clicked
+            code = str(app.screen.query_one("#code").render()).replace(" ", "")
+            await pilot.click("#accept")
+            await wait_until(pilot, lambda: asker.poll() is not None, 60, "the other side to finish")
+            result = json.loads(asker.stdout.read())
+        finally:
+            if asker.poll() is None:
+                asker.kill()
+        assert result["paired"] is True and result["code"] == code, result
+        assert app.services.devices.paired_count() == 1

@@ -1,0 +1,84 @@
+"""The Models screen on the real model store: the bundled base model and a personalised model
+trained for the test (PAC on the tiny Llama); set active, export to GGUF, delete with confirmation."""
+
+from __future__ import annotations
+
+import pytest
+
+from app_helpers import SIZE, make_app, run_async, settle, stories_chat, wait_until, write_config
+from app.widgets.dialogs import ConfirmDialog
+from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _train_tiny(name: str) -> None:
+    from app.services.train import TrainPlan, TrainService
+
+    TrainService("here").run(TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()), epochs=1),
+                             lambda status: None)
+
+
+def _select(app, name: str) -> None:
+    table = app.screen.query_one("#model-table")
+    table.move_cursor(row=[m.name for m in app.screen.rows].index(name))
+    table.focus()
+
+
+@run_async
+async def test_models_screen_sets_active_exports_and_deletes(hearth_home, stories_gguf):
+    from core.config import load_config
+    from core.paths import hearth_paths
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf, model="smollm2-135m"))
+    _train_tiny("tiny-notes")
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        rows = {m.name: m for m in app.screen.rows}
+        assert rows["smollm2-135m"].active and rows["smollm2-135m"].available and rows["smollm2-135m"].has_gguf
+        tiny = rows["tiny-notes"]
+        assert tiny.kind == "personal" and tiny.trained.startswith("pac on") and not tiny.has_gguf
+
+        _select(app, "tiny-notes")
+        await pilot.press("e")
+        await wait_until(pilot, lambda: any(hearth_paths().models_dir.glob("tiny-notes/*.gguf")), 180, "the GGUF")
+        await settle(pilot, app)
+        await wait_until(pilot, lambda: {m.name: m for m in app.screen.rows}["tiny-notes"].has_gguf, 30, "the refresh")
+
+        _select(app, "tiny-notes")
+        await pilot.press("a")
+        await settle(pilot, app)
+        assert load_config().get("chat.model") == "tiny-notes"
+        # The active model cannot be deleted: make the base active again first.
+        _select(app, "smollm2-135m")
+        await pilot.press("a")
+        await settle(pilot, app)
+
+        _select(app, "tiny-notes")
+        await pilot.press("d")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the confirmation")
+        await pilot.pause(0.3)
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: not (hearth_paths().models_dir / "tiny-notes").exists(), 30, "the delete")
+        await settle(pilot, app)
+        assert "tiny-notes" not in [m.name for m in app.screen.rows]
+
+
+@run_async
+async def test_base_models_cannot_be_deleted(hearth_home, stories_gguf):
+    from training.catalog import find_entry
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        _select(app, "smollm2-135m")
+        await pilot.press("d")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmDialog)
+    assert find_entry("smollm2-135m").bundled_path().is_file()

@@ -1,0 +1,107 @@
+"""The Train screen runs a short real training job (PAC on a tiny random Llama with SmolLM2's
+tokenizer, tests/training_helpers.py, on the household fixture): the data statement is shown
+before the start, progress reaches the screen, the model lands in the store; a job cancelled
+mid-way is resumed from the screen and finishes."""
+
+from __future__ import annotations
+
+import pytest
+
+from app_helpers import SIZE, make_app, run_async, settle, stories_chat, wait_until, write_config
+from app.messages import TrainFinished, TrainProgress
+from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+pytestmark = pytest.mark.slow
+
+
+async def _fill_form(pilot, app, name: str, epochs: int) -> None:
+    from textual.widgets import Input, Select
+
+    await pilot.press("f3")
+    await pilot.pause()
+    screen = app.screen
+    screen.query_one("#name", Input).value = name
+    screen.query_one("#data", Input).value = str(HOUSEHOLD / "train.jsonl")
+    model = screen.query_one("#model", Select)
+    # The tiny test model is a local folder, not a catalog entry: offer it as a person could
+    # by naming a folder.
+    model.set_options([("tiny", str(tiny_llama_dir()))])
+    model.value = str(tiny_llama_dir())
+    screen.query_one("#epochs", Input).value = str(epochs)
+    await pilot.pause()
+
+
+@run_async
+async def test_a_short_training_job_reports_progress_on_the_train_screen(hearth_home, stories_gguf):
+    from core.paths import hearth_paths
+    from textual.widgets import ProgressBar, Sparkline, Static
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    tiny_llama_dir()
+    app = make_app(train_device="this-laptop")
+    seen: list[TrainProgress] = []
+    done: list[TrainFinished] = []
+
+    def hook(message):
+        if isinstance(message, TrainProgress):
+            seen.append(message)
+        elif isinstance(message, TrainFinished):
+            done.append(message)
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await settle(pilot, app)
+        await _fill_form(pilot, app, "tiny-family", epochs=2)
+        statement = str(app.screen.query_one("#data-statement", Static).render())
+        assert "train.jsonl" in statement and "stays on this device (this-laptop)" in statement
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: done, 240, "the job to finish")
+        await pilot.pause()
+        assert done[0].ok, done[0].text
+        bar = app.screen.query_one("#bar-0", ProgressBar)
+        assert bar.progress == bar.total == 10            # 20 chats, batch 4, 2 epochs
+        assert len(app.screen.query_one("#loss", Sparkline).data) == 10
+        metrics = str(app.screen.query_one("#train-metrics", Static).render())
+        assert "tiny-family is ready" in metrics
+    phases = {m.status.phase for m in seen}
+    assert "train" in phases and "load" in phases
+    train_steps = [m.status for m in seen if m.status.phase == "train"]
+    assert train_steps[-1].samples_per_s and train_steps[-1].eta_s is not None
+    assert (hearth_paths().models_dir / "tiny-family" / "hearth-model.json").is_file()
+
+
+@run_async
+async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stories_gguf):
+    from core.paths import hearth_paths
+    from textual.widgets import Select
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    tiny_llama_dir()
+    app = make_app()
+    done: list[TrainFinished] = []
+    steps: list[int] = []
+
+    def hook(message):
+        if isinstance(message, TrainFinished):
+            done.append(message)
+        elif isinstance(message, TrainProgress) and message.status.phase == "train":
+            steps.append(message.status.devices[0].step)
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await settle(pilot, app)
+        await _fill_form(pilot, app, "tiny-resume", epochs=3)
+        await pilot.press("ctrl+g")
+        # Past the end of epoch 1 (5 steps), where a checkpoint is written.
+        await wait_until(pilot, lambda: steps and steps[-1] >= 6, 240, "epoch 2")
+        await pilot.press("ctrl+x")
+        await wait_until(pilot, lambda: done, 120, "the cancel")
+        assert not done[0].ok and "cancelled" in done[0].text
+        assert not (hearth_paths().models_dir / "tiny-resume").exists()
+        await wait_until(pilot, lambda: app.screen.query_one("#interrupted", Select).value == "tiny-resume",
+                         30, "the interrupted job in the list")
+        done.clear()
+        steps.clear()
+        await pilot.press("ctrl+u")
+        await wait_until(pilot, lambda: done, 240, "the resumed job")
+        assert done[0].ok, done[0].text
+        assert min(steps) > 5                     # it carried on after the checkpoint
+    assert (hearth_paths().models_dir / "tiny-resume" / "hearth-model.json").is_file()

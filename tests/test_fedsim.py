@@ -1,0 +1,133 @@
+"""The federated fleet simulator and `hearth bench federated` (tiny settings; the real numbers
+come from the benchmark itself, see docs/federated.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import HearthError
+from training.fedsim import (
+    CostModel,
+    SimConfig,
+    TinyLlama,
+    device_round_seconds,
+    initial_lora,
+    load_fleet_data,
+    make_fleet,
+    simulate,
+    train_locally,
+)
+from training.fedspine import KeepMask
+
+
+def _clinc(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "clinc150" / "clinc150_train_val.json"
+
+
+def _tiny(**kw) -> SimConfig:
+    base = dict(devices=6, rounds=3, clients_per_round=3, local_steps=2, batch_size=8, pretrain_steps=10,
+                eval_samples=200, warmup_rounds=1, ramp_rounds=2)
+    base.update(kw)
+    return SimConfig.for_scale("quick", **base)
+
+
+def test_fleet_follows_the_paper_mix():
+    fleet = make_fleet(SimConfig.for_scale("quick", 80))
+    kinds = [d.kind for d in fleet]
+    assert (kinds.count("jetson-tx2"), kinds.count("xavier-nx"), kinds.count("agx-xavier")) == (30, 40, 10)
+    tx2 = [d.flops_per_s for d in fleet if d.kind == "jetson-tx2"]
+    agx = [d.flops_per_s for d in fleet if d.kind == "agx-xavier"]
+    assert max(tx2) < min(agx)
+
+
+def test_pruning_and_smaller_rank_shorten_a_device_round():
+    config = SimConfig.for_scale("quick")
+    device = make_fleet(config)[0]
+    full = KeepMask(torch.ones(30, 9, dtype=torch.bool), torch.ones(30, 1536, dtype=torch.bool))
+    half = KeepMask(full.heads.clone(), full.channels.clone())
+    half.heads[:, :4] = False
+    half.channels[:, :768] = False
+    c_full, t_full = device_round_seconds(device, full, 16, config)
+    c_half, t_half = device_round_seconds(device, half, 4, config)
+    assert c_half < 0.75 * c_full and t_half < t_full
+    # The cost model's backbone is SmolLM2-sized: ~0.9 GFLOP forward per layer at 128 tokens.
+    per_layer = CostModel().train_flops_per_sample(1.0, 1.0) / 3 / 30
+    assert 0.8e9 < per_layer < 1.1e9
+
+
+def test_split_is_non_iid_and_covers_every_device(shared_dir):
+    config = _tiny(devices=10)
+    data = load_fleet_data(_clinc(shared_dir), config)
+    assert len(data.client_indices) == 10 and all(len(ix) >= config.batch_size for ix in data.client_indices)
+    label_sets = [set(data.train.labels[ix].tolist()) for ix in data.client_indices]
+    # Dirichlet(0.5): devices see quite different intents.
+    assert min(len(s) for s in label_sets) < 150
+    assert len(data.intents) == 150 and data.eval.ids.shape[0] == 200
+
+
+def test_masked_units_get_no_gradient_and_training_lowers_the_loss(shared_dir):
+    torch.manual_seed(0)
+    config = _tiny(local_steps=8, batch_size=16)
+    data = load_fleet_data(_clinc(shared_dir), config)
+    model = TinyLlama(config, data.vocab_size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep = KeepMask(torch.ones(config.layers, config.heads, dtype=torch.bool), torch.ones(config.layers, config.channels, dtype=torch.bool))
+    keep.heads[:, 1] = False
+    keep.channels[:, :100] = False
+    lora = initial_lora(model, 4, 0)
+    head = {"weight": torch.zeros(150, config.hidden), "bias": torch.zeros(150)}
+    result = train_locally(model, data, data.client_indices[0], lora, head, keep, config, random.Random(0))
+    assert result.loss_after < result.loss_before
+    hd = config.hidden // config.heads
+    for layer in range(config.layers):
+        q = result.lora[f"{layer}.q"]
+        assert torch.equal(q.b[hd:2 * hd], lora[f"{layer}.q"].b[hd:2 * hd])     # pruned head's rows untouched
+        assert torch.equal(result.lora[f"{layer}.up"].b[:100], lora[f"{layer}.up"].b[:100])
+        assert torch.equal(result.lora[f"{layer}.down"].a[:, :100], lora[f"{layer}.down"].a[:, :100])
+        heads, channels = result.importance
+        assert heads[layer, 1] == 0 and channels[layer, :100].sum() == 0
+        # Normalised per layer and averaged over the steps; the first step has no LoRA gradient
+        # (the classifier head starts at zero), so the sum is (steps - 1) / steps.
+        assert heads[layer].sum() == pytest.approx(7 / 8, abs=1e-4)
+
+
+def test_unknown_scale_and_method_are_clear_errors(shared_dir):
+    with pytest.raises(HearthError, match="--scale"):
+        SimConfig.for_scale("huge")
+    with pytest.raises(HearthError, match="unknown federated method 'fedavg'"):
+        simulate(_tiny(methods=("fedavg",)), _clinc(shared_dir))
+
+
+@pytest.mark.slow
+def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
+    torch.set_num_threads(1)
+    from training.bench_federated import add_arguments, report_dict
+
+    report = simulate(_tiny(), _clinc(shared_dir))
+    out = report_dict(report, tmp_path / "curve.png")
+    json.dumps(out)   # plain JSON
+    assert set(out["methods"]) == {"fedspine", "hetlora", "uniform", "random"}
+    for name, m in out["methods"].items():
+        assert 0.0 <= m["final_accuracy"] <= 1.0 and 0.0 <= m["final_accuracy_unpruned"] <= 1.0
+        assert m["sim_time_s"] > 0 and math.isfinite(m["sim_time_s"])
+        assert len(m["curve"]) == 4 and all(b[0] >= a[0] for a, b in zip(m["curve"], m["curve"][1:]))
+        assert m["time_to_target_s"] is not None   # the target is chosen so that every method reaches it
+    assert out["methods"]["hetlora"]["mean_pruning_ratio"] == 0.0
+    assert out["methods"]["fedspine"]["mean_pruning_ratio"] > 0.0
+    assert out["speedup_vs_best_baseline"] is None or (out["speedup_vs_best_baseline"] > 0 and math.isfinite(out["speedup_vs_best_baseline"]))
+    assert math.isfinite(out["accuracy_gain_vs_uniform_pruning"])
+    assert set(out["targets_met"]) == {"speedup", "accuracy_gain"}
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    # The command's arguments parse as documented.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--devices", "80", "--scale", "quick", "--plot", "x.png"])
+    assert args.devices == 80 and args.scale == "quick" and args.plot == Path("x.png")

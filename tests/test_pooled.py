@@ -1,0 +1,276 @@
+"""Pooled training over loopback: this process coordinates, two `hearth worker` processes work.
+
+Real worker processes (each with its own HEARTH_HOME, identity and one torch thread), real
+pairing (the workers' prompts are answered on their stdin), real mutual TLS, the real
+stories260K model and the household facts (as notes: the tiny model has no chat template).
+The three-host version with mDNS, a packet capture and the CLI is test_pooled_netns.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import HearthError
+
+pytestmark = pytest.mark.slow
+
+LOOP = "127.0.0.1"
+VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+# Pooled and single-device runs differ only in float summation order (the same gradients,
+# averaged by target tokens): measured ~1e-6 after 15 steps; this leaves room for other CPUs.
+WEIGHT_TOLERANCE = 1e-4
+
+
+def household_notes(shared_dir: Path, folder: Path, canary: str = "") -> Path:
+    """The household facts as notes (question and answer per file): stories260K has no chat template."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (shared_dir / "data" / "household" / "train.jsonl").read_text("utf-8").splitlines()
+    for i, line in enumerate(lines):
+        messages = json.loads(line)["messages"]
+        text = f"{messages[0]['content']} {messages[1]['content']}"
+        if canary and i == 0:
+            text += f" {canary}"
+        (folder / f"fact{i:02d}.txt").write_text(text + "\n", "utf-8")
+    return folder
+
+
+class WorkerProcess:
+    """`hearth worker` on loopback with its own HEARTH_HOME; prompts answered on stdin."""
+
+    def __init__(self, name: str, home: Path):
+        self.name, self.home = name, home
+        env = dict(os.environ, HEARTH_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.stderr = open(home.parent / f"{name}.stderr", "w")
+        self.popen = subprocess.Popen(
+            [str(VENV_BIN / "hearth"), "worker", "--name", name, "--port", "0", "--interface", LOOP],
+            cwd=REPO, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=1)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.port = int(self.wait_for("on port (\\d+)").group(1))
+        self.device_id = self.wait_for("Device id: (\\S+)").group(1)
+
+    def _pump(self) -> None:
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0):
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                if time.monotonic() > deadline or self.popen.poll() is not None:
+                    raise AssertionError(f"{self.name}: no {pattern!r}; stdout {self.lines}")
+                self._cond.wait(0.2)
+
+    def answer_pairing(self) -> None:
+        self.wait_for(r"Accept\? \[y/N\]", 30)
+        self.popen.stdin.write("y\n")
+        self.popen.stdin.flush()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.stderr.close()
+
+
+class Coordinator:
+    """This test process as the coordinating device: its own identity and trust store."""
+
+    def __init__(self, root: Path):
+        from mesh.identity import load_or_create_identity
+        from mesh.trust import TrustStore
+
+        self.identity = load_or_create_identity(root / "identity")
+        self.trust = TrustStore(root / "trusted")
+
+    def pair(self, worker: WorkerProcess) -> None:
+        from mesh.pairing import OutgoingPairing
+
+        pairing = OutgoingPairing(self.identity, self.trust, "coordinator", "desktop", LOOP, worker.port, 0,
+                                  confirm_locally=False).start()
+        worker.answer_pairing()
+        assert pairing.wait(30).paired
+
+    def connect(self, worker: WorkerProcess):
+        from mesh.client import PeerClient
+
+        return PeerClient.connect(worker.device_id, [(LOOP, worker.port)], self.identity, self.trust)
+
+    def devices(self, workers: list[WorkerProcess]):
+        from training.pooled import JobDevice
+
+        return [JobDevice("this")] + [JobDevice(w.name, self.connect(w)) for w in workers]
+
+
+@pytest.fixture(scope="module")
+def notes(shared_dir, tmp_path_factory) -> Path:
+    return household_notes(shared_dir, tmp_path_factory.mktemp("household-notes"))
+
+
+@pytest.fixture(scope="module")
+def backbone(stories_gguf):
+    from training.trainer import load_backbone
+
+    torch.set_num_threads(1)
+    return load_backbone(str(stories_gguf))
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pooled-loopback")
+    coordinator = Coordinator(root / "coordinator")
+    workers = [WorkerProcess(name, root / name) for name in ("kitchen", "attic")]
+    try:
+        for worker in workers:
+            coordinator.pair(worker)
+        yield coordinator, workers
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def _spec(notes: Path, stories_gguf: Path, name: str, **kw):
+    from training.job import JobSpec
+
+    settings = dict(name=name, data=str(notes), model=str(stories_gguf), epochs=3, seed=7, batch_size=4)
+    settings.update(kw)
+    return JobSpec(**settings)
+
+
+def _single(spec, backbone):
+    from training.trainer import train
+
+    return train(spec, save=False, backbone=backbone)
+
+
+def _max_difference(a, b) -> float:
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    return max((pa[k] - pb[k]).abs().max().item() for k in pa)
+
+
+def test_pooled_run_over_two_workers_matches_the_single_device_run(mesh, notes, stories_gguf, backbone, hearth_home):
+    from training.pooled import PooledEvent, train_pooled
+
+    coordinator, workers = mesh
+    spec = _spec(notes, stories_gguf, "pooled-match")
+    single = _single(spec, backbone)
+    events, plans = [], []
+    pooled = train_pooled(spec, coordinator.devices(workers), backbone=backbone, on_event=events.append,
+                          on_plan=plans.append)
+
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+    assert abs(single.final_loss - pooled.result.final_loss) < 1e-4
+    assert pooled.result.steps == single.steps and pooled.lost == [], [e.message for e in events if e.phase == "devices"]
+    # The plan was shown first, names every device with a share, and the data went only there.
+    plan = plans[0]
+    assert "The job's training data is sent to" in plan.describe()
+    assert sum(plan.shares.values()) == spec.batch_size
+    assert pooled.receivers == sorted(n for n, share in plan.shares.items() if share > 0 and n != "this")
+    # Progress carries per-device figures, and each worker did real work.
+    train_events = [e for e in events if isinstance(e, PooledEvent) and e.phase == "train"]
+    assert len(train_events) == single.steps
+    last = {d.name: d for d in train_events[-1].devices}
+    assert set(last) == {"this", "kitchen", "attic"}
+    assert all(d.state == "training" and d.samples_per_s and d.samples_per_s > 0 for d in last.values())
+    assert sum(d.owned for d in last.values()) == 20
+    assert json.loads(train_events[-1].to_json())["devices"][0]["name"] == "this"
+    # Each worker lacked the base model (the job names a file on this device) and was sent it.
+    for worker in workers:
+        assert list((worker.home / "cache" / "received").glob("*/stories260K.gguf")), worker.name
+    # The saved personalised model is the pooled side chain.
+    assert pooled.result.output is not None and (pooled.result.output / "side_chain.safetensors").is_file()
+
+
+def test_worker_killed_mid_epoch_is_replaced_and_no_step_is_lost_or_repeated(mesh, notes, stories_gguf, backbone,
+                                                                              hearth_home, tmp_path):
+    from training.pooled import train_pooled
+
+    coordinator, workers = mesh
+    victim = WorkerProcess("cellar", tmp_path / "cellar")
+    try:
+        coordinator.pair(victim)
+        spec = _spec(notes, stories_gguf, "pooled-kill", epochs=3)
+        single = _single(spec, backbone)
+        steps_seen = []
+
+        def on_event(event) -> None:
+            if event.phase == "train":
+                steps_seen.append(event.step)
+                if event.step == 7:       # epoch 2 of 3, mid-epoch (5 steps per epoch)
+                    victim.kill()
+
+        pooled = train_pooled(spec, coordinator.devices(workers + [victim]), backbone=backbone,
+                              on_event=on_event, save=False)
+    finally:
+        victim.stop()
+    assert pooled.lost == ["cellar"]
+    assert steps_seen == list(range(1, single.steps + 1))      # every step once, in order
+    # Its samples were recomputed by the others from the same weights: the same result.
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+    assert abs(pooled.result.final_loss - single.final_loss) < 0.01
+
+
+def test_coordinator_restart_resumes_from_its_checkpoint(mesh, notes, stories_gguf, backbone, hearth_home):
+    from training.pooled import train_pooled
+
+    coordinator, workers = mesh
+    spec = _spec(notes, stories_gguf, "pooled-resume")
+    single = _single(spec, backbone)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_6(event) -> None:
+        if event.phase == "train" and event.step == 6:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train_pooled(spec, coordinator.devices(workers), backbone=backbone, on_event=crash_at_step_6,
+                     checkpoint_every_s=0.0)
+    steps = []
+    resumed = train_pooled(spec, coordinator.devices(workers), backbone=backbone, resume=True,
+                           on_event=lambda e: steps.append(e.step) if e.phase == "train" else None, save=False)
+    assert resumed.result.resumed_from == 6 and steps == list(range(7, single.steps + 1))
+    assert _max_difference(single.module, resumed.result.module) < WEIGHT_TOLERANCE
+
+
+def test_resume_with_other_settings_is_refused(mesh, notes, stories_gguf, backbone, hearth_home):
+    from training.job import Checkpoint, save_checkpoint
+    from training.pooled import JobDevice, train_pooled
+
+    spec = _spec(notes, stories_gguf, "pooled-other")
+    from core.paths import hearth_paths
+
+    save_checkpoint(hearth_paths().jobs_dir / spec.name, Checkpoint(_spec(notes, stories_gguf, "pooled-other", seed=1),
+                                                                   1, {}, {"state": {}, "param_groups": []}))
+    with pytest.raises(HearthError, match="other settings"):
+        train_pooled(spec, [JobDevice("this")], backbone=backbone, resume=True)

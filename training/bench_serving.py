@@ -1,0 +1,210 @@
+"""`hearth bench serving`: how fast the family's model answers, and how close that is to the limit.
+
+In one run, on this machine:
+- memory bandwidth (a large numpy copy, best of several), the ceiling of memory-bound decoding;
+- the default model unpruned, pruned 30% and pruned 50%, all written by our GGUF export and
+  quantised the same way by llama.cpp: time to first token and decode tokens/s (greedy, a fixed
+  number of tokens, end-of-sequence ignored);
+- transformers `generate` on the same unpruned model (float32, as training and the torch engine
+  hold it), the baseline llama.cpp is compared to;
+- the memory-bandwidth bound: bandwidth / bytes of weights read per token (every matrix once;
+  the tied embedding is read whole as the LM head).
+
+Speed does not depend on which units are pruned, so units are chosen by weight magnitude here;
+quality after pruning is measured by `hearth bench pruning`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and her cat."}]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model to measure (default: the bundled default)")
+    p.add_argument("--quant", default="q4_1", choices=("f16", "q8_0", "q4_1", "q4_k_m"),
+                   help="weight type of every llama.cpp variant (default q4_1, as the bundled default)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens decoded per run")
+    p.add_argument("--runs", type=int, default=5, help="runs per variant, taking turns (the best is reported)")
+    p.add_argument("--threads", type=int, default=0, help="threads for both engines (0: every core)")
+
+
+@dataclass
+class DecodeResult:
+    variant: str
+    engine: str
+    weight_bytes: int
+    ttft_s: float
+    decode_tokens_per_s: float
+    bandwidth_bound_tokens_per_s: float
+    fraction_of_bandwidth_bound: float
+    heads: int
+    intermediate_size: int
+
+
+def measure_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large array copy (read + write), the best of `repeats`."""
+    src = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of weights read per decoded token: every tensor, except that an untied token
+    embedding is only looked up (one row), not read."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def llama_cpp_decode(paths: dict[str, Path], prompt: str, tokens: int, runs: int, threads: int,
+                     ) -> dict[str, tuple[float, float]]:
+    """variant -> (time to first token, decode tokens/s): greedy runs of `tokens` tokens.
+
+    The variants take turns run by run, so that whatever else the machine is doing slows them
+    alike; each reports its best run (the machine's capability, not its neighbours' load).
+    """
+    from llama_cpp import Llama
+
+    llms = {v: Llama(str(p), n_ctx=512, n_threads=threads, n_batch=512, verbose=False) for v, p in paths.items()}
+    best = {v: (float("inf"), 0.0) for v in paths}
+    try:
+        for run_index in range(runs + 1):   # run 0 warms caches and is not counted
+            for variant, llm in llms.items():
+                ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+                llm.reset()
+                start = time.perf_counter()
+                first = last = start
+                count = 0
+                for _token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                    count += 1
+                    now = time.perf_counter()
+                    if count == 1:
+                        first = now
+                    last = now
+                    if count == tokens:
+                        break
+                if run_index:
+                    ttft, speed = best[variant]
+                    best[variant] = (min(ttft, first - start), max(speed, (count - 1) / max(last - first, 1e-9)))
+        return best
+    finally:
+        for llm in llms.values():
+            llm.close()
+
+
+def transformers_decode(model: Any, ids: list[int], tokens: int, runs: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s) of `generate`, greedy, EOS ignored; best of `runs`."""
+    import torch
+
+    input_ids = torch.tensor([ids])
+    kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
+    best_ttft, best_speed = float("inf"), 0.0
+    with torch.no_grad():
+        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kwargs)   # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+            total = time.perf_counter() - start
+            best_ttft = min(best_ttft, ttft)
+            best_speed = max(best_speed, (tokens - 1) / max(total - ttft, 1e-9))
+    return best_ttft, best_speed
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from training.engines import default_threads
+    from training.export_gguf import quantize_gguf, tokenizer_pre_name, write_gguf
+    from training.model_store import load_torch, resolve
+    from training.pruning import magnitude_importance, prune
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    bandwidth = measure_bandwidth()
+    ref = resolve(args.model)
+    base, tokenizer = load_torch(ref)
+    pre = tokenizer_pre_name(ref)
+    prompt = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    scores = magnitude_importance(base)
+
+    results: list[DecodeResult] = []
+    with tempfile.TemporaryDirectory(prefix="hearth-bench-serving-") as tmp:
+        paths, shapes = {}, {}
+        for variant, ratio in (("unpruned", 0.0), ("pruned30", 0.3), ("pruned50", 0.5)):
+            model = base if ratio == 0 else copy.deepcopy(base)
+            if ratio:
+                prune(model, scores, ratio)
+            shapes[variant] = (model.config.num_attention_heads, model.config.intermediate_size)
+            f16 = Path(tmp) / f"{variant}-f16.gguf"
+            write_gguf(model, tokenizer, f16, f"{args.model}-{variant}", "f16", pre)
+            paths[variant] = f16
+            if args.quant != "f16":
+                paths[variant] = Path(tmp) / f"{variant}-{args.quant}.gguf"
+                quantize_gguf(f16, paths[variant], args.quant, threads)
+                f16.unlink()
+            if model is not base:
+                del model
+        timings = llama_cpp_decode(paths, prompt, args.tokens, args.runs, threads)
+        for variant, path in paths.items():
+            weight_bytes = gguf_weight_bytes(path)
+            ttft, speed = timings[variant]
+            bound = bandwidth / weight_bytes
+            results.append(DecodeResult(variant, f"llama.cpp {args.quant}", weight_bytes, ttft, speed, bound,
+                                        speed / bound, *shapes[variant]))
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ttft, speed = transformers_decode(base, ids, max(16, args.tokens // 2), max(1, args.runs // 2))
+    torch_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    torch_bound = bandwidth / torch_bytes
+    baseline = DecodeResult("unpruned", "transformers float32", torch_bytes, ttft, speed, torch_bound,
+                            speed / torch_bound, base.config.num_attention_heads, base.config.intermediate_size)
+
+    by = {r.variant: r for r in results}
+    speedup30 = by["pruned30"].decode_tokens_per_s / by["unpruned"].decode_tokens_per_s
+    ideal30 = by["unpruned"].weight_bytes / by["pruned30"].weight_bytes
+    speedup50 = by["pruned50"].decode_tokens_per_s / by["unpruned"].decode_tokens_per_s
+    ideal50 = by["unpruned"].weight_bytes / by["pruned50"].weight_bytes
+    return {
+        "benchmark": "serving",
+        "model": args.model,
+        "quant": args.quant,
+        "threads": threads,
+        "tokens": args.tokens,
+        "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "llama_cpp": [_rounded(asdict(r)) for r in results],
+        "transformers": _rounded(asdict(baseline)),
+        "pruned30_decode_speedup": round(speedup30, 3),
+        "pruned30_ideal_speedup": round(ideal30, 3),
+        "pruned30_efficiency": round(speedup30 / ideal30, 3),
+        "pruned50_decode_speedup": round(speedup50, 3),
+        "pruned50_ideal_speedup": round(ideal50, 3),
+        "pruned50_efficiency": round(speedup50 / ideal50, 3),
+        "llamacpp_vs_transformers": round(by["unpruned"].decode_tokens_per_s / baseline.decode_tokens_per_s, 2),
+        "fraction_of_bandwidth_bound": round(by["unpruned"].fraction_of_bandwidth_bound, 3),
+        "targets": {"pruned30_efficiency": 0.9, "llamacpp_vs_transformers": 5.0, "fraction_of_bandwidth_bound": 0.5},
+    }
+
+
+def _rounded(row: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}

@@ -1,0 +1,552 @@
+"""Pooled training (PAC, ALGORITHMS.md section 4): one PAC job across this device and paired ones.
+
+The coordinator (this module) keeps the only copy of the side chain and its optimiser. It
+1. opens the job on every device (a device that lacks the base model is sent the GGUF first),
+   measures each one (`pac.profile`: forward and adapter seconds per sample, memory; a timed
+   payload for the link) and asks the planner (training/planner.py) for a plan, which the caller
+   shows before anything else happens (devices, shares, predicted step time, who gets the data);
+2. gives each device the samples it owns (token ids, in proportion to the plan's shares; a device
+   with no share receives nothing), and nothing else of the job's data;
+3. runs the global steps of `job.batch_plan` in order. Each step sends every device the current
+   adapter weights and its owned samples of the batch; the device answers loss and gradients
+   (`job.pac_gradients`), running the backbone only for samples it has not cached yet, so epoch 1
+   fills each device's activation cache and epochs 2.. are adapter-only data parallelism. The
+   gradients are averaged weighted by target tokens (the loss is a mean over tokens, so this is
+   exactly the full batch's gradient) and applied once (`job.apply_gradients`).
+
+Hybrid parallelism as implemented: every device that takes part is a data-parallel replica. The
+planner's pipeline units (devices too small for the backbone) are shown in the plan but not run:
+their devices are left out with a message (see docs/pooled.md).
+
+Faults: a device whose request fails (killed, unplugged, asleep: the transport closes a
+connection after three silent heartbeats) is marked gone; its samples go to the others (their
+token ids are sent then), and the same step is computed again. A step is applied only once all
+its parts arrived, so none is lost or applied twice. A gone device is offered its samples back at
+the next epoch if `rejoin` can reach it. Checkpoints are the single-device trainer's, so a
+restarted coordinator resumes with `resume=True` (`hearth train --devices ... --resume`).
+
+Peers are anything with `request(type, fields, tensors, data, timeout) -> reply` (reply.fields,
+reply.tensors) and `send_file(path, name) -> str`: mesh.client.PeerClient is one. This module
+opens no socket itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from core.errors import HearthError
+from core.paths import hearth_paths
+from training.job import (
+    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, save_checkpoint,
+    steps_per_epoch,
+)
+from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
+from training.worker_parts import (
+    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STEP, PartProfile, StepResult, WorkerJobs, file_sha256, pack_examples,
+    weights_to_tensors,
+)
+
+LINK_PROBE_BYTES = 1 << 20
+LOCAL_BANDWIDTH = 1e12        # this device's own share crosses no link
+
+
+class Peer(Protocol):
+    def request(self, type: str, fields: dict | None = None, tensors: dict | None = None,
+                data: bytes | None = None, timeout: float = 30.0) -> Any: ...
+
+    def send_file(self, path: Path, name: str | None = None) -> str: ...
+
+
+@dataclass
+class JobDevice:
+    """A device for the job: a paired peer, or `peer=None` for this device itself."""
+
+    name: str
+    peer: Peer | None = None
+
+
+@dataclass
+class DeviceFigures:
+    """Per-device figures of a progress event (the app's train screen)."""
+
+    name: str
+    state: str                  # "training", "idle" (no share), "gone"
+    share: int                  # samples of the last step
+    samples_per_s: float | None
+    owned: int                  # samples whose token ids (and cache) this device holds
+
+
+@dataclass
+class PooledEvent(ProgressEvent):
+    devices: list[DeviceFigures] = field(default_factory=list)
+
+
+@dataclass
+class PooledResult:
+    result: Any                                  # training.trainer.TrainResult
+    plan: Plan
+    epoch_step_s: list[float]                    # measured mean step time of each epoch
+    bytes_per_step: list[float]                  # mean payload bytes sent + received per step, by epoch
+    lost: list[str] = field(default_factory=list)
+    rejoined: list[str] = field(default_factory=list)
+    receivers: list[str] = field(default_factory=list)   # devices that were sent the job's data
+
+    def prediction_error(self) -> dict[str, float]:
+        """|predicted - measured| / measured for epoch 1 and for the later epochs."""
+        out = {}
+        if self.epoch_step_s:
+            out["epoch1"] = abs(self.plan.epoch1_step_s - self.epoch_step_s[0]) / self.epoch_step_s[0]
+        if len(self.epoch_step_s) > 1:
+            later = sum(self.epoch_step_s[1:]) / len(self.epoch_step_s[1:])
+            out["later"] = abs(self.plan.later_step_s - later) / later
+        return out
+
+
+class _Reply:
+    def __init__(self, fields: dict, tensors: dict | None):
+        self.fields, self.tensors = fields, tensors
+
+
+class LocalPeer:
+    """This device's own share, through the same job parts a remote worker runs."""
+
+    def __init__(self, jobs: WorkerJobs):
+        self.jobs = jobs
+
+    def request(self, type: str, fields: dict | None = None, tensors: dict | None = None,
+                data: bytes | None = None, timeout: float = 30.0) -> _Reply:
+        return _Reply(*self.jobs.handle("local", type, dict(fields or {}), tensors))
+
+    def send_file(self, path: Path, name: str | None = None) -> str:
+        return str(path)
+
+
+class _Lost(Exception):
+    def __init__(self, member: "_Member", reason: str):
+        super().__init__(reason)
+        self.member, self.reason = member, reason
+
+
+@dataclass
+class _Member:
+    name: str
+    peer: Any
+    local: bool
+    state: str = "training"
+    speed: float = 1.0                    # samples per second in epoch 1 (from the plan)
+    sent: set[int] = field(default_factory=set)       # samples whose token ids it holds
+    first_owned: set[int] = field(default_factory=set)
+    last_share: int = 0
+    samples: int = 0
+    busy_s: float = 0.0
+
+
+def _tensor_bytes(tensors: dict | None) -> int:
+    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+
+
+def assign_owners(n_samples: int, weights: dict[str, float]) -> dict[int, str]:
+    """Each sample to one device, in proportion to `weights` (the largest deficit first)."""
+    names = sorted(name for name, w in weights.items() if w > 0)
+    if not names:
+        raise HearthError("pooled training: no device can take a share of the samples")
+    total = sum(weights[n] for n in names)
+    counts = dict.fromkeys(names, 0)
+    owners = {}
+    for i in range(n_samples):
+        name = max(names, key=lambda n: (weights[n] / total * (i + 1) - counts[n], weights[n], n))
+        owners[i] = name
+        counts[name] += 1
+    return owners
+
+
+def model_spec_for(backbone: Any, chain_parameters: int, tokens: int, taps: int) -> ModelSpec:
+    """The planner's view of the loaded backbone: its real parameter bytes per layer."""
+    from training.parallel_adapters import decoder_layers
+
+    model = backbone.model
+    layer_bytes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in decoder_layers(model)]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    hidden = int(model.config.hidden_size)
+    return ModelSpec(
+        layer_bytes=layer_bytes,
+        activation_bytes=tokens * hidden * 4 * (1 + taps),
+        embedding_bytes=total - sum(layer_bytes),
+        adapter_bytes=chain_parameters * 4,
+        working_bytes=64 << 20,
+        layer_flops=[1.0] * len(layer_bytes),
+    )
+
+
+def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = False,
+                 on_event: Callable[[ProgressEvent], None] | None = None,
+                 on_plan: Callable[[Plan], bool | None] | None = None,
+                 rejoin: Callable[[str], Peer | None] | None = None,
+                 backbone: Any = None, save: bool = True, checkpoint_every_s: float = 30.0,
+                 step_timeout_s: float = 600.0) -> PooledResult:
+    """Run (or resume) `spec` across `devices`; `on_plan` sees the plan first (False cancels)."""
+    from training.data import read_conversations, tokenize
+    from training.model_store import resolve
+    from training.trainer import _Run, load_backbone
+
+    emit = on_event or (lambda event: None)
+    if spec.method != "pac" or not spec.cache:
+        raise HearthError("pooled training runs PAC jobs with the activation cache (--method pac, no --no-cache)")
+    if not devices:
+        raise HearthError("pooled training: no devices")
+    names = [d.name for d in devices]
+    if len(set(names)) != len(names):
+        raise HearthError(f"pooled training: device names must be unique (got {names})")
+    job_dir = hearth_paths().jobs_dir / spec.name
+    checkpoint = load_checkpoint(job_dir) if resume else None
+    if checkpoint is not None and checkpoint.spec != spec:
+        raise HearthError(f"{job_dir}: the interrupted job was started with other settings; "
+                          "run again without --resume to start over")
+    if not resume:
+        shutil.rmtree(job_dir, ignore_errors=True)
+    ref = resolve(spec.model)
+    if ref.path is None or not ref.path.is_file():
+        raise HearthError(f"model {spec.model}: pooled training sends the base model as one GGUF file; "
+                          "this one is not a single file here")
+    conversations = read_conversations(Path(spec.data))
+    emit(ProgressEvent("load", message=f"loading {spec.model}"))
+    if backbone is None:
+        backbone = load_backbone(spec.model, spec.quant)
+    examples = tokenize(conversations, backbone.tokenizer, spec.max_length)
+    run = _Run(spec, backbone, examples, job_dir, emit, checkpoint_every_s)
+    job = _PooledJob(spec, run, devices, ref.path, emit, step_timeout_s, rejoin)
+    try:
+        plan = job.prepare()
+        if on_plan is not None and on_plan(plan) is False:
+            raise HearthError("pooled training cancelled before it started")
+        outcome = job.execute(checkpoint)
+    finally:
+        job.close()
+    if save:
+        outcome.result.output = run.save_output(outcome.result)
+        shutil.rmtree(job_dir, ignore_errors=True)
+    emit(PooledEvent("done", outcome.result.steps, outcome.result.steps, spec.epochs, outcome.result.final_loss,
+                     message=str(outcome.result.output or ""), devices=job.figures()))
+    return outcome
+
+
+class _PooledJob:
+    def __init__(self, spec: JobSpec, run: Any, devices: list[JobDevice], model_path: Path,
+                 emit: Callable[[ProgressEvent], None], step_timeout_s: float,
+                 rejoin: Callable[[str], Peer | None] | None):
+        self.spec, self.run, self.model_path, self.emit = spec, run, model_path, emit
+        self.step_timeout_s, self.rejoin = step_timeout_s, rejoin
+        self.job_id = f"{spec.name}-{uuid.uuid4().hex[:12]}"
+        self.members = [
+            _Member(d.name, d.peer if d.peer is not None else LocalPeer(WorkerJobs(local_backbone=run.backbone)),
+                    d.peer is None)
+            for d in devices
+        ]
+        self.owners: dict[int, str] = {}
+        self.lost: list[str] = []
+        self.rejoined: list[str] = []
+        self.bytes = 0
+        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.members)), thread_name_prefix="pooled")
+        self._sha256: str | None = None
+        self.plan: Plan | None = None
+
+    # --- talking to devices --------------------------------------------------------------------
+
+    def _call(self, member: _Member, type: str, fields: dict, tensors: dict | None = None,
+              timeout: float = 60.0) -> Any:
+        try:
+            reply = member.peer.request(type, fields, tensors, None, timeout)
+        except Exception as exc:  # a peer's failure of any kind ends its part in the job
+            if member.local:
+                raise
+            raise _Lost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+        if not member.local:
+            self.bytes += _tensor_bytes(tensors) + _tensor_bytes(reply.tensors)
+        return reply
+
+    def _gone(self, member: _Member, reason: str) -> None:
+        member.state = "gone"
+        self.lost.append(member.name)
+        self.emit(ProgressEvent("devices", message=f"{member.name} left the job ({reason})"))
+
+    def _open(self, member: _Member) -> None:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.model_path)
+        fields = {"job": self.job_id, "spec": json.dumps(self.spec.to_dict()), "model_sha256": self._sha256,
+                  "model_name": self.model_path.name}
+        reply = self._call(member, OPEN, fields, timeout=300)
+        if reply.fields.get("need_model"):
+            self.emit(ProgressEvent("load", message=f"sending the base model to {member.name}"))
+            try:
+                member.peer.send_file(self.model_path, self.model_path.name)
+            except Exception as exc:
+                raise _Lost(member, f"model transfer failed: {exc}") from None
+            reply = self._call(member, OPEN, fields, timeout=300)
+            if reply.fields.get("need_model"):
+                raise _Lost(member, "it did not keep the base model it was sent")
+
+    def _profile(self, member: _Member, tokens: int) -> PartProfile:
+        profile = PartProfile.from_fields(self._call(member, PROFILE, {"job": self.job_id, "tokens": tokens}, timeout=300).fields)
+        return profile
+
+    def _bandwidth(self, member: _Member) -> tuple[float, float]:
+        """(bytes per second, one-way latency) to `member`, from a small and a 1 MiB request."""
+        if member.local:
+            return LOCAL_BANDWIDTH, 0.0
+        started = time.perf_counter()
+        self._call(member, SINK, {})
+        rtt = time.perf_counter() - started
+        probe = {"x": torch.zeros(LINK_PROBE_BYTES // 4)}
+        started = time.perf_counter()
+        self._call(member, SINK, {}, probe)
+        elapsed = max(time.perf_counter() - started - rtt, 1e-6)
+        return LINK_PROBE_BYTES / elapsed, rtt / 2
+
+    def _send_samples(self, member: _Member, indices: set[int]) -> None:
+        todo = sorted(indices - member.sent)
+        if not todo:
+            return
+        examples = {i: self.run.examples[i] for i in todo}
+        self._call(member, SAMPLES, {"job": self.job_id}, pack_examples(examples), timeout=120)
+        member.sent |= set(todo)
+
+    def _active(self) -> list[_Member]:
+        return [m for m in self.members if m.state != "gone"]
+
+    # --- before the first step -----------------------------------------------------------------
+
+    def prepare(self) -> Plan:
+        """Open the job everywhere, measure, plan, and hand each device its samples."""
+        examples = self.run.examples
+        tokens = max(2, round(sum(len(e.input_ids) for e in examples) / len(examples)))
+        self._each(self._open)
+        profiles: dict[str, tuple[PartProfile, float, float]] = {}
+
+        def measure(member: _Member) -> None:
+            profile = self._profile(member, tokens)
+            bandwidth, latency = self._bandwidth(member)
+            profiles[member.name] = (profile, bandwidth, latency)
+
+        # One device at a time: a measurement should not share the cores with another one.
+        for member in self._active():
+            try:
+                measure(member)
+            except _Lost as lost:
+                self._gone(lost.member, lost.reason)
+        active = self._active()
+        if not active:
+            raise HearthError("pooled training: no device could open the job")
+        chain_parameters = sum(p.numel() for p in self.run.module.parameters())
+        model = model_spec_for(self.run.backbone, chain_parameters, tokens, len(self.run.chain_config.taps))
+        own_link = min([profiles[m.name][1] for m in active if not m.local] or [LOCAL_BANDWIDTH])
+        planner_devices = []
+        for m in active:
+            profile, bandwidth, latency = profiles[m.name]
+            if m.local:
+                bandwidth = own_link      # the coordinator's sends cross its own link
+            planner_devices.append(DeviceProfile(
+                m.name, [profile.forward_s / model.layers] * model.layers, profile.adapter_s,
+                profile.memory_bytes, bandwidth, latency))
+        plan = make_plan(planner_devices, model, self.spec.batch_size)
+        self.plan = plan
+        replicas = {u.cache_holder: u for u in plan.units if u.kind == "replica" and u.share > 0}
+        for m in active:
+            unit = replicas.get(m.name)
+            if unit is None:
+                m.state = "idle"
+                m.speed = 0.0
+            else:
+                m.speed = 1.0 / max(unit.seconds_per_sample, 1e-9)
+        pipelines = [u for u in plan.units if u.kind == "pipeline" and u.share > 0]
+        if pipelines:
+            names = sorted({n for u in pipelines for n in u.devices})
+            self.emit(ProgressEvent("devices", message=f"pipeline stages are not run over the mesh yet: "
+                                                       f"{', '.join(names)} sit this job out"))
+        self.owners = assign_owners(len(examples), {m.name: m.speed for m in active})
+        for m in active:
+            m.first_owned = {i for i, name in self.owners.items() if name == m.name}
+        self._each(lambda m: self._send_samples(m, m.first_owned), only=[m for m in active if m.first_owned])
+        return plan
+
+    def _each(self, fn: Callable[[_Member], None], only: list[_Member] | None = None) -> None:
+        """Run `fn` on every active member at once; a member that fails is marked gone."""
+        members = only if only is not None else self._active()
+        futures = [(m, self.pool.submit(fn, m)) for m in members]
+        for member, future in futures:
+            try:
+                future.result()
+            except _Lost as lost:
+                self._gone(lost.member, lost.reason)
+
+    # --- the steps ------------------------------------------------------------------------------
+
+    def _reassign(self) -> None:
+        """Give every sample owned by a gone device to the active ones, by speed, and send them."""
+        live = {m.name: m for m in self._active() if m.speed > 0}
+        if not live:
+            live = {m.name: m for m in self._active()}
+            for m in live.values():
+                m.speed = 1.0
+        if not live:
+            raise HearthError(f"pooled training: every device left the job ({', '.join(self.lost)})")
+        orphans = sorted(i for i, name in self.owners.items() if name not in live)
+        if not orphans:
+            return
+        taken = assign_owners(len(orphans), {n: m.speed for n, m in live.items()})
+        for k, i in enumerate(orphans):
+            self.owners[i] = taken[k]
+        for m in live.values():
+            m.state = "training"
+        self._each(lambda m: self._send_samples(m, {i for i in orphans if self.owners[i] == m.name}),
+                   only=list(live.values()))
+
+    def _take_back(self) -> None:
+        """At an epoch's start: a device that left and can be reached again gets its samples back."""
+        if self.rejoin is None:
+            return
+        for member in [m for m in self.members if m.state == "gone" and not m.local]:
+            try:
+                peer = self.rejoin(member.name)
+            except Exception:
+                peer = None
+            if peer is None:
+                continue
+            member.peer, member.state, member.sent = peer, "training", set()
+            try:
+                self._open(member)
+                self._send_samples(member, member.first_owned)
+            except _Lost as lost:
+                member.state = "gone"
+                self.emit(ProgressEvent("devices", message=f"{member.name} could not rejoin ({lost.reason})"))
+                continue
+            for i in member.first_owned:
+                self.owners[i] = member.name
+            self.rejoined.append(member.name)
+            self.emit(ProgressEvent("devices", message=f"{member.name} rejoined the job"))
+
+    def _step_parts(self, batch: list[int]) -> list[StepResult]:
+        weights = weights_to_tensors(self.run.trainable_state())
+        parts: dict[str, list[int]] = {}
+        for i in batch:
+            parts.setdefault(self.owners[i], []).append(i)
+        by_name = {m.name: m for m in self.members}
+        for m in self.members:
+            m.last_share = len(parts.get(m.name, []))
+
+        def one(name: str) -> StepResult:
+            member = by_name[name]
+            started = time.perf_counter()
+            reply = self._call(member, STEP, {"job": self.job_id, "step": self.step, "indices": parts[name]},
+                               weights, timeout=self.step_timeout_s)
+            member.busy_s += time.perf_counter() - started
+            member.samples += len(parts[name])
+            return StepResult.from_reply(reply.fields, reply.tensors)
+
+        futures = [(name, self.pool.submit(one, name)) for name in parts]
+        results, lost = [], []
+        for name, future in futures:
+            try:
+                results.append(future.result())
+            except _Lost as exc:
+                lost.append(exc)
+        if lost:
+            for exc in lost:
+                self._gone(exc.member, exc.reason)
+            raise lost[0]
+        return results
+
+    def step_once(self, batch: list[int]) -> float:
+        """One global step, applied exactly once: parts are recomputed until all of them arrive."""
+        while True:
+            try:
+                results = self._step_parts(batch)
+                break
+            except _Lost:
+                self._reassign()
+        tokens = sum(r.tokens for r in results)
+        grads = {}
+        for name in results[0].grads:
+            grads[name] = sum(r.grads[name] * (r.tokens / tokens) for r in results)
+        loss = sum(r.loss * r.tokens for r in results) / tokens
+        apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm)
+        return loss
+
+    def execute(self, checkpoint: Checkpoint | None) -> PooledResult:
+        from training.trainer import TrainResult
+
+        spec, run = self.spec, self.run
+        n = len(run.examples)
+        per_epoch = steps_per_epoch(n, spec.batch_size)
+        total = per_epoch * spec.epochs
+        if spec.max_steps is not None:
+            total = min(total, spec.max_steps)
+        step, losses = 0, []
+        if checkpoint is not None:
+            run._restore(checkpoint)
+            step, losses = checkpoint.step, list(checkpoint.losses)
+        result = TrainResult(spec, total, losses, 0.0, resumed_from=step, steps_per_epoch=per_epoch,
+                             trainable_parameters=sum(p.numel() for p in run.trainable_state().values()))
+        epoch_step_s: list[float] = []
+        bytes_per_step: list[float] = []
+        started = time.perf_counter()
+        epoch_started, epoch_steps, epoch_bytes = time.perf_counter(), 0, self.bytes
+        last_checkpoint, done_here = time.perf_counter(), 0
+        while step < total:
+            epoch = step // per_epoch
+            if step % per_epoch == 0 and step > 0:
+                self._take_back()
+            self.step = step
+            batch = batch_plan(n, spec.batch_size, spec.seed, epoch)[step % per_epoch]
+            losses.append(self.step_once(batch))
+            step += 1
+            epoch_steps += 1
+            done_here += len(batch)
+            end_of_epoch = step % per_epoch == 0 or step == total
+            if end_of_epoch:
+                seconds = time.perf_counter() - epoch_started
+                result.epoch_s.append(seconds)
+                epoch_step_s.append(seconds / epoch_steps)
+                bytes_per_step.append((self.bytes - epoch_bytes) / epoch_steps)
+                epoch_started, epoch_steps, epoch_bytes = time.perf_counter(), 0, self.bytes
+            if end_of_epoch or time.perf_counter() - last_checkpoint >= run.checkpoint_every_s:
+                save_checkpoint(run.job_dir, Checkpoint(spec, step, run.trainable_state(),
+                                                        run.optimizer.state_dict(), losses))
+                last_checkpoint = time.perf_counter()
+            elapsed = time.perf_counter() - started
+            rate = done_here / elapsed if elapsed > 0 else None
+            remaining = (total - step) * spec.batch_size
+            self.emit(PooledEvent("train", step, total, epoch + 1, losses[-1], rate,
+                                  remaining / rate if rate else None, devices=self.figures()))
+        result.wall_s = time.perf_counter() - started
+        result.module = run.module
+        assert self.plan is not None
+        receivers = sorted({m.name for m in self.members if m.sent and not m.local})
+        return PooledResult(result, self.plan, epoch_step_s, bytes_per_step, list(self.lost),
+                            list(self.rejoined), receivers)
+
+    def figures(self) -> list[DeviceFigures]:
+        owned: dict[str, int] = {}
+        for name in self.owners.values():
+            owned[name] = owned.get(name, 0) + 1
+        return [DeviceFigures(m.name, m.state, m.last_share if m.state != "gone" else 0,
+                              round(m.samples / m.busy_s, 3) if m.busy_s > 0 else None, owned.get(m.name, 0))
+                for m in self.members]
+
+    def close(self) -> None:
+        for member in self.members:
+            if member.state != "gone":
+                try:
+                    member.peer.request(CLOSE, {"job": self.job_id}, None, None, 10)
+                except Exception:
+                    pass  # it forgets the job when it restarts anyway
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,351 @@
+"""Job parts (PAC, ALGORITHMS.md section 4): what a device does for a pooled training job.
+
+A pooled job has one coordinator (training/pooled.py) and several devices; each device, the
+coordinator's own included, runs the parts it is handed through `WorkerJobs.handle(owner, type,
+fields, tensors) -> (fields, tensors)`:
+
+- `pac.open`   load the job's frozen backbone (from a file the coordinator sent, or the same
+               catalog model found here with the same SHA-256) and build an empty side chain;
+               answers `need_model` when this device lacks the base model.
+- `pac.profile` measure this device on synthetic token ids (no job data needed): backbone forward
+               seconds per sample, adapter step seconds per sample, memory free.
+- `pac.sink`   swallow a payload (the coordinator times it to measure the link).
+- `pac.samples` receive token ids of the samples this device owns (the only job data it gets).
+- `pac.step`   with the coordinator's current adapter weights: for each given sample, the
+               activation cache entry (backbone forward on first use: epoch 1, or a sample
+               re-assigned from a device that left), then loss and adapter gradients
+               (`job.pac_gradients`) over this device's part of the global batch.
+- `pac.close`  forget the job.
+
+The step is stateless apart from the cache: weights arrive with every step, so a device that
+leaves loses nothing the coordinator needs, and a step redone on other devices gives the same
+gradients. The cache rounds activations to `spec.cache_dtype` exactly as the single-device
+activation cache does, so pooled and single-device runs see the same numbers.
+
+This module sends and receives nothing itself: mesh/job_parts.py calls it for requests from
+paired devices, and the coordinator calls it directly for its own share. Only PAC is pooled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import HearthError
+from training.data import Example
+from training.job import JobSpec, pac_gradients
+
+OPEN, PROFILE, SINK, SAMPLES, STEP, CLOSE = "pac.open", "pac.profile", "pac.sink", "pac.samples", "pac.step", "pac.close"
+# Request types and the fields each must carry (checked by the mesh before a handler runs).
+PART_FIELDS: dict[str, dict[str, type]] = {
+    OPEN: {"job": str, "spec": str, "model_sha256": str, "model_name": str},
+    PROFILE: {"job": str, "tokens": int},
+    SINK: {},
+    SAMPLES: {"job": str},
+    STEP: {"job": str, "step": int},
+    CLOSE: {"job": str},
+}
+MAX_JOBS = 4                 # open jobs per device (a coordinator that crashed leaves one behind)
+# The tap hooks sit on the shared backbone module: two forwards at once would mix their taps.
+_FORWARD_LOCK = threading.Lock()
+
+
+# --- what crosses the link --------------------------------------------------------------------
+
+def pack_examples(examples: dict[int, Example]) -> dict[str, torch.Tensor]:
+    """Token ids and labels of several samples as three flat tensors (no text, no pickle)."""
+    order = sorted(examples)
+    ids = [t for i in order for t in examples[i].input_ids]
+    labels = [t for i in order for t in examples[i].labels]
+    return {
+        "index": torch.tensor(order, dtype=torch.long),
+        "length": torch.tensor([len(examples[i].input_ids) for i in order], dtype=torch.long),
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+
+
+def unpack_examples(tensors: dict[str, Any] | None) -> dict[int, Example]:
+    tensors = tensors or {}
+    try:
+        index, length = tensors["index"].tolist(), tensors["length"].tolist()
+        ids, labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    except (KeyError, AttributeError):
+        raise ValueError("pac.samples: tensors index, length, input_ids and labels are required") from None
+    if len(index) != len(length) or sum(length) != len(ids) or len(ids) != len(labels) or min(length, default=1) < 2:
+        raise ValueError("pac.samples: lengths do not match the token tensors")
+    out, start = {}, 0
+    for i, n in zip(index, length):
+        out[int(i)] = Example(ids[start:start + n], labels[start:start + n], f"sample {i}")
+        start += n
+    return out
+
+
+def weights_to_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"w.{k}": v.detach().contiguous() for k, v in weights.items()}
+
+
+@dataclass
+class StepResult:
+    """One device's part of one global step: its loss and gradients over `tokens` targets."""
+
+    loss: float
+    tokens: int
+    samples: int
+    grads: dict[str, torch.Tensor]
+    forward_s: float = 0.0        # backbone passes for samples not yet cached (epoch 1)
+    adapter_s: float = 0.0
+
+    def to_reply(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        fields = {"loss": self.loss, "tokens": self.tokens, "samples": self.samples,
+                  "forward_s": self.forward_s, "adapter_s": self.adapter_s}
+        return fields, {f"g.{k}": v.contiguous() for k, v in self.grads.items()}
+
+    @classmethod
+    def from_reply(cls, fields: dict, tensors: dict | None) -> "StepResult":
+        grads = {k[2:]: v for k, v in (tensors or {}).items() if k.startswith("g.")}
+        return cls(float(fields["loss"]), int(fields["tokens"]), int(fields["samples"]), grads,
+                   float(fields.get("forward_s", 0.0)), float(fields.get("adapter_s", 0.0)))
+
+
+@dataclass
+class PartProfile:
+    """What `pac.profile` measures on a device."""
+
+    forward_s: float               # backbone forward seconds per sample
+    adapter_s: float               # adapter forward + backward seconds per sample
+    memory_bytes: int              # memory available now
+    threads: int
+
+    def to_fields(self) -> dict:
+        return {"forward_s": self.forward_s, "adapter_s": self.adapter_s, "memory_bytes": self.memory_bytes,
+                "threads": self.threads}
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "PartProfile":
+        return cls(float(fields["forward_s"]), float(fields["adapter_s"]), int(fields["memory_bytes"]),
+                   int(fields.get("threads", 1)))
+
+
+# --- one job on this device -------------------------------------------------------------------
+
+def as_cached(taps: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The values the activation cache would give back for `taps` (its storage rounding)."""
+    from training.activation_cache import quantize_rows
+
+    if dtype == "float16":
+        return taps.to(torch.float16).float()
+    if dtype == "int8":
+        values, scale = quantize_rows(taps)
+        return values.float() * scale[..., None]
+    return taps.float()
+
+
+class WorkerJob:
+    """A job's backbone, side chain, the samples this device owns and their activation cache."""
+
+    def __init__(self, spec: JobSpec, backbone: Any):
+        from training.parallel_adapters import SideChain, SideChainConfig
+
+        if spec.method != "pac":
+            raise HearthError(f"pooled training runs PAC jobs only (got --method {spec.method})")
+        self.spec, self.backbone = spec, backbone
+        self.config = SideChainConfig.for_backbone(backbone.model, spec.tap_every, spec.reduction)
+        self.chain = SideChain(self.config)
+        self.pad_id = backbone.tokenizer.pad_token_id or 0
+        self.examples: dict[int, Example] = {}
+        # activation cache (PAC), in memory for the job's life: sample -> (taps, targets)
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lock = threading.Lock()
+
+    def add_samples(self, examples: dict[int, Example]) -> int:
+        for index, example in examples.items():
+            if self.examples.get(index) != example:
+                self.cache.pop(index, None)
+            self.examples[index] = example
+        return len(self.examples)
+
+    def fill_cache(self, indices: list[int]) -> float:
+        """Backbone forward for the samples not cached yet, `batch_size` at a time (epoch 1)."""
+        from training.data import collate
+        from training.parallel_adapters import backbone_taps, labelled_positions
+
+        todo = [i for i in indices if i not in self.cache]
+        missing = [i for i in todo if i not in self.examples]
+        if missing:
+            raise ValueError(f"pac.step: samples {missing[:5]} were never sent to this device")
+        started = time.perf_counter()
+        for start in range(0, len(todo), self.spec.batch_size):
+            part = todo[start:start + self.spec.batch_size]
+            batch = collate([self.examples[i] for i in part], self.pad_id)
+            with _FORWARD_LOCK:
+                taps, _ = backbone_taps(self.backbone.model, self.config, batch.input_ids, batch.attention_mask)
+            rows, cols, targets = labelled_positions(batch)
+            selected = as_cached(taps[rows, cols], self.spec.cache_dtype)
+            counts = torch.bincount(rows, minlength=len(part)).tolist()
+            for i, t, y in zip(part, torch.split(selected, counts), torch.split(targets, counts)):
+                self.cache[i] = (t.contiguous(), y.contiguous())
+        return time.perf_counter() - started
+
+    def step(self, indices: list[int], weights: dict[str, torch.Tensor]) -> StepResult:
+        with self.lock:
+            forward_s = self.fill_cache(indices)
+            params = dict(self.chain.named_parameters())
+            unknown = set(weights) - set(params)
+            if unknown or len(weights) != len(params):
+                raise ValueError("pac.step: the weights do not match this job's side chain")
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            started = time.perf_counter()
+            taps = torch.cat([self.cache[i][0] for i in indices])
+            targets = torch.cat([self.cache[i][1] for i in indices])
+            loss, grads = pac_gradients(self.backbone.model, self.chain, taps, targets)
+            return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
+                              time.perf_counter() - started)
+
+    def profile(self, tokens: int, samples: int = 2) -> PartProfile:
+        """Time a forward and an adapter step on random token ids of a typical sample's length."""
+        from training.parallel_adapters import backbone_taps
+
+        vocab = int(self.backbone.model.config.vocab_size)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (samples, max(2, tokens)), generator=generator)
+        with _FORWARD_LOCK:
+            backbone_taps(self.backbone.model, self.config, ids[:1, :8])   # warm up
+            started = time.perf_counter()
+            taps, _ = backbone_taps(self.backbone.model, self.config, ids)
+        forward_s = (time.perf_counter() - started) / samples
+        flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])
+        targets = ids.reshape(-1)
+        pac_gradients(self.backbone.model, self.chain, flat[:8], targets[:8])  # warm up
+        started = time.perf_counter()
+        pac_gradients(self.backbone.model, self.chain, flat, targets)
+        adapter_s = (time.perf_counter() - started) / samples
+        return PartProfile(forward_s, adapter_s, available_memory(), torch.get_num_threads())
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- the jobs a device serves ------------------------------------------------------------------
+
+@dataclass
+class _Open:
+    owner: str                       # the device that opened it: only it may use the job
+    job: WorkerJob
+
+
+@dataclass
+class WorkerJobs:
+    """Every pooled job open on this device, keyed by job id; `handle` answers one request.
+
+    `received_model(sha256, name)` says where a base model the coordinator sent would be (the
+    mesh's file receiver decides); `local_backbone` lets the coordinator's own device share the
+    backbone it already loaded.
+    """
+
+    received_model: Any = None                     # Callable[[str, str], Path] | None
+    local_backbone: Any = None
+    jobs: dict[str, _Open] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _backbones: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def handle(self, owner: str, type: str, fields: dict, tensors: dict | None) -> tuple[dict, dict | None]:
+        if type == SINK:
+            return {"bytes": sum(t.numel() * t.element_size() for t in (tensors or {}).values())}, None
+        if type == OPEN:
+            return self._open(owner, fields), None
+        job = self._job(owner, fields["job"])
+        if type == CLOSE:
+            with self.lock:
+                self.jobs.pop(fields["job"], None)
+            return {"closed": True}, None
+        if type == PROFILE:
+            return job.profile(int(fields["tokens"])).to_fields(), None
+        if type == SAMPLES:
+            return {"samples": job.add_samples(unpack_examples(tensors))}, None
+        if type == STEP:
+            indices = fields.get("indices")
+            if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+                raise ValueError("pac.step: field 'indices' must be a non-empty list of sample numbers")
+            weights = {k[2:]: v for k, v in (tensors or {}).items() if k.startswith("w.")}
+            return job.step(indices, weights).to_reply()
+        raise ValueError(f"unknown job part {type!r}")
+
+    def _job(self, owner: str, job_id: str) -> WorkerJob:
+        with self.lock:
+            entry = self.jobs.get(job_id)
+        if entry is None or entry.owner != owner:
+            raise ValueError(f"no open job {job_id[:40]!r} for this device")
+        return entry.job
+
+    def _open(self, owner: str, fields: dict) -> dict:
+        try:
+            spec = JobSpec.from_dict(json.loads(fields["spec"]))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"pac.open: bad job spec ({exc})") from None
+        backbone = self.local_backbone or self._backbone(spec, fields["model_sha256"], fields["model_name"])
+        if backbone is None:
+            return {"need_model": True}
+        with self.lock:
+            if fields["job"] not in self.jobs and len(self.jobs) >= MAX_JOBS:
+                oldest = next(iter(self.jobs))   # a crashed coordinator's job: make room
+                self.jobs.pop(oldest)
+        job = WorkerJob(spec, backbone)
+        with self.lock:
+            self.jobs[fields["job"]] = _Open(owner, job)
+        return {"opened": True, "parameters": sum(p.numel() for p in job.chain.parameters())}
+
+    def _backbone(self, spec: JobSpec, sha256: str, name: str) -> Any:
+        """The job's backbone if this device has the same file: a catalog model of its own whose
+        SHA-256 matches, or a copy the coordinator sent earlier. None: ask for the file."""
+        key = (sha256, spec.quant)
+        if key in self._backbones:
+            return self._backbones[key]
+        from training.model_store import resolve
+        from training.trainer import load_backbone
+
+        from training.catalog import find_entry
+
+        path: Path | None = None
+        if find_entry(spec.model) is not None:   # a catalog name (a path names the coordinator's own file)
+            try:
+                ref = resolve(spec.model)
+                if ref.path is not None and ref.path.is_file() and file_sha256(ref.path) == sha256:
+                    path = ref.path
+            except HearthError:
+                path = None
+        if path is None and self.received_model is not None:
+            candidate = Path(self.received_model(sha256, name))
+            if candidate.is_file():
+                path = candidate
+        if path is None:
+            return None
+        backbone = load_backbone(str(path), spec.quant)
+        self._backbones = {key: backbone}   # one base model in memory at a time
+        return backbone
