@@ -109,6 +109,11 @@ class HearthApp(App):
         self.theme = choose_theme(self._theme_choice or str(self.services.config.section("app").get("theme", "auto")))
         self.services.devices.on_pairing_request(lambda request: self.post_message(PairingRequested(request)))
         self.switch_mode("chat")
+        # Background work starts once the first frame is drawn: its imports (llama.cpp, the
+        # mesh's crypto and mDNS) would otherwise hold the interpreter while the screen waits.
+        self.call_after_refresh(self._after_first_frame)
+
+    def _after_first_frame(self) -> None:
         self._first_run_check()
         if self.start_mesh:
             self._start_mesh()

@@ -23,8 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.errors import HearthError
 from mesh.discovery import Discovery
-from mesh.errors import FrameError, PeerRefused
+from mesh.errors import FrameError, MeshError, PeerRefused
 from mesh.files import FileReceiver
 from mesh.frames import DEFAULT_MAX_FRAME
 from mesh.handlers import Handler, HandlerRegistry, Request
@@ -59,7 +60,8 @@ class AgentConfig:
         """The [mesh] section of the config, with command-line overrides (None: keep)."""
         from core.config import load_config
 
-        mesh = load_config().section("mesh")
+        loaded = load_config()
+        mesh = loaded.section("mesh")
         config = cls(
             name=mesh["name"] or default_device_name(), kind=mesh["kind"], port=int(mesh["port"]),
             interfaces=list(mesh["interfaces"]), accept_pairing=bool(mesh["accept_pairing"]),
@@ -71,6 +73,11 @@ class AgentConfig:
             if value is not None:
                 setattr(config, key, value)
         config.pairing.enabled = config.accept_pairing
+        for dotted, value, low in (("mesh.heartbeat_s", config.heartbeat_s, 0.1), ("mesh.max_frame_mb", mesh["max_frame_mb"], 1),
+                                   ("mesh.pairing_expiry_s", config.pairing.expiry_s, 1), ("mesh.pairing_max_pending", config.pairing.max_pending, 1),
+                                   ("mesh.pairing_max_failures", config.pairing.max_failures, 1)):
+            if value < low:
+                raise HearthError(f"{loaded.path}: {dotted} must be at least {low}, got {value}")
         return config
 
 
@@ -114,7 +121,12 @@ class Agent:
         for address in addresses:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((address, port))
+            try:
+                listener.bind((address, port))
+            except OSError as exc:
+                listener.close()
+                self.stop()
+                raise MeshError(f"cannot listen on {address}:{port}: {exc.strerror or exc} (mesh.port, --port, --interface)") from None
             listener.listen(64)
             listener.setblocking(False)
             port = listener.getsockname()[1]

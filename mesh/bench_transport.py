@@ -63,6 +63,7 @@ def _tensor_transfer(numel: int, repeats: int) -> dict:
     from mesh.agent import Agent, AgentConfig
     from mesh.client import PeerClient
     from mesh.frames import encode_tensors
+    from mesh.transport import client_context, server_context
 
     tensor = torch.randn(numel)
     nbytes = numel * 4
@@ -82,21 +83,27 @@ def _tensor_transfer(numel: int, repeats: int) -> dict:
                     assert reply.fields["bytes"] == nbytes
         finally:
             agent.stop()
-    payload = encode_tensors({"x": tensor})  # the same bytes, in the clear
-    plain = _plain_tcp(payload, repeats)
-    ours_s, plain_s = statistics.median(ours), statistics.median(plain)
-    return {"bytes": nbytes, "mtls_s": round(ours_s, 4), "plain_tcp_s": round(plain_s, 4),
+        payload = encode_tensors({"x": tensor})  # the same bytes, in the clear
+        plain = _socket_transfer(payload, repeats)
+        # The same bytes over a bare TLS socket with our contexts: the cost of TLS alone.
+        tls = _socket_transfer(payload, repeats, (server_context(b_id, a_id.cert_pem), client_context(a_id, b_id.cert_der)))
+    ours_s, plain_s, tls_s = statistics.median(ours), statistics.median(plain), statistics.median(tls)
+    return {"bytes": nbytes, "mtls_s": round(ours_s, 4), "plain_tcp_s": round(plain_s, 4), "bare_tls_s": round(tls_s, 4),
             "mtls_mb_s": round(nbytes / ours_s / 1e6, 1), "plain_tcp_mb_s": round(nbytes / plain_s / 1e6, 1),
-            "mtls_vs_plain": round(plain_s / ours_s, 3)}
+            "bare_tls_mb_s": round(nbytes / tls_s / 1e6, 1), "mtls_vs_plain": round(plain_s / ours_s, 3),
+            "mtls_vs_bare_tls": round(tls_s / ours_s, 3)}
 
 
-def _plain_tcp(payload: bytes, repeats: int) -> list[float]:
+def _socket_transfer(payload: bytes, repeats: int, contexts=None) -> list[float]:
+    """Seconds to send `payload` and get a 1-byte ack, over plain TCP or (contexts) bare TLS."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     size = len(payload)
 
     def serve() -> None:
         conn, _ = server.accept()
+        if contexts:
+            conn = contexts[0].wrap_socket(conn, server_side=True)
         buf = bytearray(size)
         view = memoryview(buf)
         with conn:
@@ -110,7 +117,10 @@ def _plain_tcp(payload: bytes, repeats: int) -> list[float]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     times = []
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    sock = socket.create_connection(("127.0.0.1", port))
+    if contexts:
+        sock = contexts[1].wrap_socket(sock)
+    with sock:
         for i in range(repeats + 1):
             start = time.perf_counter()
             sock.sendall(payload)

@@ -58,12 +58,6 @@ class Identity:
     def cert_pem(self) -> str:
         return der_to_pem(self.cert_der)
 
-    def sign(self, message: bytes) -> bytes:
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
-        return key.sign(message)
-
 
 def der_to_pem(cert_der: bytes) -> str:
     import ssl

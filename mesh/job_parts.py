@@ -38,3 +38,42 @@ def _received(root, sha256: str, name: str):
     from mesh.files import _check_name, _check_sha, received_path
 
     return received_path(_check_sha(sha256), _check_name(name), root)
+
+
+def connect_job_peers(service: Any, devices: str, wait_s: float = 5.0) -> list[tuple[str, Any]]:
+    """Connections to the paired devices a job names: "all" (every paired device that answers
+    within `wait_s`) or a comma-separated list of names / id prefixes (each must answer).
+    Returns (name, PeerClient) pairs; HearthError for an unknown, unpaired or unreachable name."""
+    from core.errors import HearthError
+    from mesh.errors import MeshError
+
+    wanted = [part.strip() for part in devices.split(",") if part.strip()]
+    if not wanted:
+        raise HearthError("--devices: name at least one paired device, or 'all'")
+    everyone = wanted == ["all"]
+    refs = [d.device_id for d in service.trust.all()] if everyone else wanted
+    if everyone and not refs:
+        raise HearthError("--devices all: no device is paired with this one (see `hearth pair`)")
+    peers: list[tuple[str, Any]] = []
+    for ref in refs:
+        try:
+            device = service.wait_for(ref, wait_s)
+            if not device.paired:
+                raise HearthError(f"--devices: {device.name} is not paired with this device (see `hearth pair`)")
+            peers.append((device.name, service.connect(device.id)))
+        except MeshError as exc:
+            if not everyone:
+                raise HearthError(f"--devices: cannot reach {ref}: {exc}") from None
+    if len({name for name, _ in peers}) != len(peers):
+        raise HearthError("--devices: two paired devices share a name; name them by id")
+    return peers
+
+
+def reconnect(service: Any, name: str) -> Any:
+    """A fresh connection to a device that left a job, or None while it cannot be reached."""
+    from mesh.errors import MeshError
+
+    try:
+        return service.connect(name, timeout=5)
+    except (MeshError, OSError):
+        return None

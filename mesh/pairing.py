@@ -162,7 +162,7 @@ class PairingResponder:
                 conn.send(Frame("res", frame.type, frame.id, answer))
                 if frame.type == "pair.finish" or frame.type == "pair.info":
                     return
-        except MeshError as exc:
+        except (MeshError, OSError) as exc:  # includes timeouts and TLS errors: this socket only
             if state.get("started") and not state.get("done"):
                 self._fail(address)
             log.info("pairing conversation with %s ended: %s", address, exc)
@@ -322,7 +322,8 @@ class OutgoingPairing:
         try:
             self._result = self._converse()
         except MeshError as exc:
-            self._result = PairingResult(False, None, str(exc))
+            message = "pairing rejected on this device" if self._local_ok is False else str(exc)
+            self._result = PairingResult(False, None, message)
         except OSError as exc:
             self._result = PairingResult(False, None, f"cannot reach {self.address}:{self.port}: {exc}")
         finally:

@@ -76,7 +76,11 @@ class MeshService:
                                    on_change=self._changed).start()
         if self.serve:
             self.agent = Agent(self.config, self.identity, self.trust, self._incoming)
-            self.agent.start(self.discovery)
+            try:
+                self.agent.start(self.discovery)
+            except BaseException:
+                self.discovery.close()
+                raise
         return self
 
     def stop(self) -> None:

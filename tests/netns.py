@@ -2,7 +2,7 @@
 
     with NetnsLab() as lab:                       # needs root and `ip netns`; see lab_unavailable()
         a = lab.add_host("a")                     # namespace + veth on the lab's bridge, 10.77.0.1/24
-        b = lab.add_host("b", rate="100mbit")     # optional tbf shaping (netem is not available here)
+        b = lab.add_host("b", rate="100mbit")     # tbf shaping of what b sends; b.shape(None) lifts it
         worker = a.hearth("worker", "--name", "a", "--port", "7000")   # a HostProcess, own HEARTH_HOME
         worker.wait_for(r"Device id: (\\S+)")
         result = b.call(some_function, arg)       # runs in a forked child inside b's namespace
@@ -143,6 +143,15 @@ class Host:
         self.lab, self.name, self.ns, self.address, self.bridge_port = lab, name, ns, address, bridge_port
         self.home = lab.root / name
         self.home.mkdir(parents=True, exist_ok=True)
+
+    def shape(self, rate: str | None) -> None:
+        """Limit what this host sends to `rate` (e.g. "40mbit") with tbf; None removes the limit."""
+        if rate is None:
+            subprocess.run(["ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", "eth0", "root"],
+                           capture_output=True)
+            return
+        subprocess.run(["ip", "netns", "exec", self.ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+                        "rate", rate, "burst", "64kbit", "latency", "400ms"], check=True, capture_output=True)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -292,10 +301,9 @@ class NetnsLab:
         _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
-        if rate:
-            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                            "rate", rate, "burst", "32kbit", "latency", "400ms"], check=True, capture_output=True)
         host = Host(self, name, ns, address, port)
+        if rate:
+            host.shape(rate)
         self.hosts.append(host)
         return host
 

@@ -1,5 +1,5 @@
 """The Models screen on the real model store: the bundled base model and a personalised model
-trained for the test (PAC on the tiny Llama); set active, export to GGUF, delete with confirmation."""
+trained for the test (LoRA on the tiny Llama: LoRA merges into the weights, so it exports); set active, export to GGUF, delete with confirmation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def _train_tiny(name: str) -> None:
     from app.services.train import TrainPlan, TrainService
 
-    TrainService("here").run(TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()), epochs=1),
+    TrainService("here").run(TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()),
+                                       method="lora", epochs=1),
                              lambda status: None)
 
 
@@ -40,12 +41,14 @@ async def test_models_screen_sets_active_exports_and_deletes(hearth_home, storie
         rows = {m.name: m for m in app.screen.rows}
         assert rows["smollm2-135m"].active and rows["smollm2-135m"].available and rows["smollm2-135m"].has_gguf
         tiny = rows["tiny-notes"]
-        assert tiny.kind == "personal" and tiny.trained.startswith("pac on") and not tiny.has_gguf
+        assert tiny.kind == "personal" and tiny.trained.startswith("lora on") and not tiny.has_gguf
 
         _select(app, "tiny-notes")
         await pilot.press("e")
-        await wait_until(pilot, lambda: any(hearth_paths().models_dir.glob("tiny-notes/*.gguf")), 180, "the GGUF")
-        await settle(pilot, app)
+        status = app.screen.query_one("#models-status")
+        await wait_until(pilot, lambda: "Exporting" not in str(status.render()), 180, "the export")
+        assert "Exported tiny-notes" in str(status.render()), status.render()
+        assert any(hearth_paths().models_dir.glob("tiny-notes/*.gguf"))
         await wait_until(pilot, lambda: {m.name: m for m in app.screen.rows}["tiny-notes"].has_gguf, 30, "the refresh")
 
         _select(app, "tiny-notes")

@@ -20,9 +20,9 @@ import torch
 
 from mesh.agent import Agent, AgentConfig
 from mesh.client import PeerClient
-from mesh.errors import FrameError, PairingError, PeerRefused, RemoteError, RequestTimeout
+from mesh.errors import FrameError, PeerRefused, RemoteError, RequestTimeout
 from mesh.frames import Frame, decode_frame, frame_bytes
-from mesh.identity import Identity, der_to_pem, device_id_of, load_or_create_identity, make_certificate
+from mesh.identity import Identity, der_to_pem, load_or_create_identity, make_certificate
 from mesh.pairing import OutgoingPairing, PairingLimits, pairing_code
 from mesh.transport import Connection, dial_mesh
 from mesh.trust import TrustStore
@@ -380,3 +380,31 @@ def test_mesh_never_imports_transformers_or_peft():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_mesh_group_average_is_the_mean_on_every_rank(make_device):
+    from mesh.collective import MeshGroup
+
+    devices = [make_device(f"rank{r}") for r in range(3)]
+    for d in devices:  # every pair paired (the ceremony is tested above)
+        for other in devices:
+            if other is not d:
+                d.trust.add(other.identity.cert_der, other.name, "laptop", [LOOP], other.agent.port)
+    groups = [MeshGroup(r, {}, d.agent.handlers) for r, d in enumerate(devices)]
+    for r, (d, group) in enumerate(zip(devices, groups)):
+        group.peers = {o: d.connect(devices[o]) for o in range(3) if o != r}
+    values = [torch.randn(1001, 3) for _ in range(3)]
+    results: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, groups[r].average(values[r]))) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    expected = (values[0] + values[1] + values[2]) / 3
+    for r in range(3):
+        assert results[r].shape == (1001, 3) and torch.allclose(results[r], expected, atol=1e-6)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])  # bit-identical everywhere
+    for group in groups:
+        for peer in group.peers.values():
+            peer.close()
+        group.close()

@@ -137,6 +137,28 @@ def test_paired_devices_exchange_requests_and_tensors_bit_exact(lab):
     assert result["rtt_ms"] > 0 and result["cores"] >= 1
 
 
+def _measure_link(peer_name: str) -> tuple[float, float]:
+    from mesh.service import MeshService
+
+    with MeshService(interfaces=[os.environ["HOST_ADDRESS"]]) as service:
+        service.wait_for(peer_name, 10)
+        with service.connect(peer_name) as peer:
+            link = peer.measure_link(pings=3, payload_bytes=3 << 20)
+    return link.bandwidth_mbps, link.rtt_ms
+
+
+def test_link_measurement_sees_a_shaped_link(lab):
+    a = lab.state["hosts"]["a"]
+    os.environ["HOST_ADDRESS"] = a.address
+    a.shape("40mbit")  # a home Wi-Fi link, for what a sends
+    try:
+        bandwidth, rtt = a.call(_measure_link, "host-b", timeout=60)
+    finally:
+        a.shape(None)
+    assert 25 <= bandwidth <= 48, bandwidth
+    assert rtt > 0
+
+
 def _dial_unpaired(address: str, port: int) -> str:
     from mesh.errors import PeerRefused
     from mesh.identity import load_or_create_identity

@@ -160,7 +160,7 @@ def mesh(tmp_path_factory):
 def _spec(notes: Path, stories_gguf: Path, name: str, **kw):
     from training.job import JobSpec
 
-    settings = dict(name=name, data=str(notes), model=str(stories_gguf), epochs=3, seed=7, batch_size=4)
+    settings = dict(name=name, data=str(notes), model=str(stories_gguf), epochs=3, seed=7, batch_size=6)
     settings.update(kw)
     return JobSpec(**settings)
 
@@ -200,7 +200,10 @@ def test_pooled_run_over_two_workers_matches_the_single_device_run(mesh, notes, 
     assert len(train_events) == single.steps
     last = {d.name: d for d in train_events[-1].devices}
     assert set(last) == {"this", "kitchen", "attic"}
-    assert all(d.state == "training" and d.samples_per_s and d.samples_per_s > 0 for d in last.values())
+    assert plan.shares["kitchen"] > 0 and plan.shares["attic"] > 0, plan.describe()
+    for name, figures in last.items():
+        assert figures.state == ("training" if plan.shares[name] else "idle")
+        assert (figures.samples_per_s or 0) > 0 if plan.shares[name] else figures.owned == 0
     assert sum(d.owned for d in last.values()) == 20
     assert json.loads(train_events[-1].to_json())["devices"][0]["name"] == "this"
     # Each worker lacked the base model (the job names a file on this device) and was sent it.
@@ -225,7 +228,7 @@ def test_worker_killed_mid_epoch_is_replaced_and_no_step_is_lost_or_repeated(mes
         def on_event(event) -> None:
             if event.phase == "train":
                 steps_seen.append(event.step)
-                if event.step == 7:       # epoch 2 of 3, mid-epoch (5 steps per epoch)
+                if event.step == 6:       # epoch 2 of 3, mid-epoch (4 steps per epoch)
                     victim.kill()
 
         pooled = train_pooled(spec, coordinator.devices(workers + [victim]), backbone=backbone,
@@ -250,7 +253,7 @@ def test_coordinator_restart_resumes_from_its_checkpoint(mesh, notes, stories_gg
         pass
 
     def crash_at_step_6(event) -> None:
-        if event.phase == "train" and event.step == 6:
+        if event.phase == "train" and event.step == 6:   # in epoch 2
             raise Crash()
 
     with pytest.raises(Crash):
@@ -274,3 +277,49 @@ def test_resume_with_other_settings_is_refused(mesh, notes, stories_gguf, backbo
                                                                    1, {}, {"state": {}, "param_groups": []}))
     with pytest.raises(HearthError, match="other settings"):
         train_pooled(spec, [JobDevice("this")], backbone=backbone, resume=True)
+
+
+def test_device_that_left_is_taken_back_at_the_next_epoch(mesh, notes, stories_gguf, backbone, hearth_home, tmp_path):
+    from training.pooled import train_pooled
+
+    coordinator, workers = mesh
+    victim = WorkerProcess("shed", tmp_path / "shed")
+    reborn: list[WorkerProcess] = []
+    try:
+        coordinator.pair(victim)
+        spec = _spec(notes, stories_gguf, "pooled-rejoin", epochs=3)
+        single = _single(spec, backbone)
+
+        def on_event(event) -> None:
+            if event.phase == "train" and event.step == 2:     # in epoch 1: kill it, start it again
+                victim.kill()
+                reborn.append(WorkerProcess("shed", tmp_path / "shed"))   # same home: same identity
+
+        def rejoin(name: str):
+            return coordinator.connect(reborn[0]) if name == "shed" and reborn else None
+
+        pooled = train_pooled(spec, coordinator.devices(workers + [victim]), backbone=backbone,
+                              on_event=on_event, rejoin=rejoin, save=False)
+    finally:
+        for process in [victim, *reborn]:
+            process.stop()
+    assert pooled.lost == ["shed"] and pooled.rejoined == ["shed"]
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+
+
+def test_samples_are_owned_in_proportion_to_speed():
+    from training.pooled import assign_owners
+
+    owners = assign_owners(20, {"desktop": 3.0, "laptop": 1.0, "phone": 0.0})
+    counts = {name: list(owners.values()).count(name) for name in ("desktop", "laptop", "phone")}
+    assert counts == {"desktop": 15, "laptop": 5, "phone": 0} and sorted(owners) == list(range(20))
+    with pytest.raises(HearthError, match="no device"):
+        assign_owners(3, {"phone": 0.0})
+
+
+def test_only_pac_jobs_with_the_cache_are_pooled(notes, stories_gguf, hearth_home):
+    from training.pooled import JobDevice, train_pooled
+
+    for settings in ({"method": "lora"}, {"cache": False}):
+        with pytest.raises(HearthError, match="PAC jobs with the activation cache"):
+            train_pooled(_spec(notes, stories_gguf, "pooled-bad", **settings), [JobDevice("this")])

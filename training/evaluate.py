@@ -41,7 +41,7 @@ def read_fact_questions(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def fact_recall(lm: PersonalLM, questions: list[tuple[str, str]], max_tokens: int = 40) -> Score:
+def fact_recall(lm: PersonalLM, questions: list[tuple[str, str]], max_tokens: int = 28) -> Score:
     hits = sum(1 for q, fact in questions if fact.lower() in lm.answer(q, max_tokens).lower())
     return Score(hits, len(questions))
 

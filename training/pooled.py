@@ -89,6 +89,11 @@ class DeviceFigures:
 @dataclass
 class PooledEvent(ProgressEvent):
     devices: list[DeviceFigures] = field(default_factory=list)
+    # On the "done" event only: measured seconds per step and payload bytes per step by epoch,
+    # and the plan's predicted seconds per step (epoch 1, later epochs).
+    epoch_step_s: list[float] | None = None
+    bytes_per_step: list[float] | None = None
+    predicted_step_s: list[float] | None = None
 
 
 @dataclass
@@ -236,7 +241,10 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
         outcome.result.output = run.save_output(outcome.result)
         shutil.rmtree(job_dir, ignore_errors=True)
     emit(PooledEvent("done", outcome.result.steps, outcome.result.steps, spec.epochs, outcome.result.final_loss,
-                     message=str(outcome.result.output or ""), devices=job.figures()))
+                     message=str(outcome.result.output or ""), devices=job.figures(),
+                     epoch_step_s=[round(x, 6) for x in outcome.epoch_step_s],
+                     bytes_per_step=[round(x) for x in outcome.bytes_per_step],
+                     predicted_step_s=[round(plan.epoch1_step_s, 6), round(plan.later_step_s, 6)]))
     return outcome
 
 

@@ -213,29 +213,9 @@ class _Run:
         started = time.perf_counter()
         missing = self.cache.missing_shards()
         for n, shard in enumerate(missing):
-            acts, targets = [], []
-            indices = list(self.cache.shard_range(shard))
-            for start in range(0, len(indices), spec.batch_size):
-                part = indices[start : start + spec.batch_size]
-                taps, batch_targets = self._taps_at_labels(part, per_sample=True)
-                acts.extend(taps)
-                targets.extend(batch_targets)
-            self.cache.write_shard(shard, acts, targets)
+            fill_shard(self.cache, shard, model, self.chain_config, self.examples, spec.batch_size, self.pad_id)
             self.emit(ProgressEvent("cache", message=f"activation cache shard {n + 1}/{len(missing)}"))
         return time.perf_counter() - started
-
-    def _taps_at_labels(self, indices: list[int], per_sample: bool = False):
-        """Backbone forward on these samples; taps and targets at their labelled positions."""
-        from training.parallel_adapters import backbone_taps, labelled_positions
-
-        batch = collate([self.examples[i] for i in indices], self.pad_id)
-        taps, _ = backbone_taps(self.backbone.model, self.chain_config, batch.input_ids, batch.attention_mask)
-        rows, cols, targets = labelled_positions(batch)
-        selected = taps[rows, cols]
-        if not per_sample:
-            return selected, targets
-        counts = torch.bincount(rows, minlength=len(indices)).tolist()
-        return list(torch.split(selected, counts)), list(torch.split(targets, counts))
 
     def _step(self, indices: list[int]) -> float:
         spec = self.spec
@@ -243,7 +223,8 @@ class _Run:
             if self.cache is not None:
                 taps, targets = self.cache.batch(indices)
             else:
-                taps, targets = self._taps_at_labels(indices)
+                taps, targets = taps_at_labels(self.backbone.model, self.chain_config, self.examples, indices,
+                                               self.pad_id)
             loss, grads = pac_gradients(self.backbone.model, self.module, taps, targets)
             apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm)
             return loss
@@ -280,6 +261,36 @@ class _Run:
             )
             atomic_write_text(tmp / MANIFEST, manifest.to_json())
         return target
+
+
+def taps_at_labels(model: Any, chain_config: Any, examples: list[Example], indices: list[int], pad_id: int,
+                   per_sample: bool = False):
+    """Backbone forward (no gradients) on these samples; the taps and targets at their labelled
+    positions, concatenated in sample order (or as per-sample lists)."""
+    from training.parallel_adapters import backbone_taps, labelled_positions
+
+    batch = collate([examples[i] for i in indices], pad_id)
+    taps, _ = backbone_taps(model, chain_config, batch.input_ids, batch.attention_mask)
+    rows, cols, targets = labelled_positions(batch)
+    selected = taps[rows, cols]
+    if not per_sample:
+        return selected, targets
+    counts = torch.bincount(rows, minlength=len(indices)).tolist()
+    return list(torch.split(selected, counts)), list(torch.split(targets, counts))
+
+
+def fill_shard(cache: ActivationCache, shard: int, model: Any, chain_config: Any, examples: list[Example],
+               batch_size: int, pad_id: int) -> None:
+    """Epoch 1's work for one shard of samples: backbone forward, then one atomic shard write.
+    A mesh worker given a shard index runs exactly this."""
+    indices = list(cache.shard_range(shard))
+    acts, targets = [], []
+    for start in range(0, len(indices), batch_size):
+        part, part_targets = taps_at_labels(model, chain_config, examples, indices[start : start + batch_size],
+                                            pad_id, per_sample=True)
+        acts.extend(part)
+        targets.extend(part_targets)
+    cache.write_shard(shard, acts, targets)
 
 
 def save_side_chain(chain: Any, folder: Path) -> None:

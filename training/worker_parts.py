@@ -212,24 +212,24 @@ class WorkerJob:
             return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
                               time.perf_counter() - started)
 
-    def profile(self, tokens: int, samples: int = 2) -> PartProfile:
-        """Time a forward and an adapter step on random token ids of a typical sample's length."""
+    def profile(self, tokens: int, samples: int = 2, repeats: int = 3) -> PartProfile:
+        """Time a forward and an adapter step on random token ids of a typical sample's length
+        (the fastest of `repeats`: the device's speed, not a moment's contention)."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (samples, max(2, tokens)), generator=generator)
-        with _FORWARD_LOCK:
-            backbone_taps(self.backbone.model, self.config, ids[:1, :8])   # warm up
+        forward_s = adapter_s = float("inf")
+        for _ in range(repeats):
+            with _FORWARD_LOCK:
+                started = time.perf_counter()
+                taps, _ = backbone_taps(self.backbone.model, self.config, ids)
+                forward_s = min(forward_s, (time.perf_counter() - started) / samples)
+            flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])
             started = time.perf_counter()
-            taps, _ = backbone_taps(self.backbone.model, self.config, ids)
-        forward_s = (time.perf_counter() - started) / samples
-        flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])
-        targets = ids.reshape(-1)
-        pac_gradients(self.backbone.model, self.chain, flat[:8], targets[:8])  # warm up
-        started = time.perf_counter()
-        pac_gradients(self.backbone.model, self.chain, flat, targets)
-        adapter_s = (time.perf_counter() - started) / samples
+            pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1))
+            adapter_s = min(adapter_s, (time.perf_counter() - started) / samples)
         return PartProfile(forward_s, adapter_s, available_memory(), torch.get_num_threads())
 
 

@@ -19,6 +19,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     p.add_argument("--max-tokens", type=int, help="longest answer, in tokens")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible answers")
+    p.add_argument("--no-history", action="store_true", help="do not record this conversation in the chat history")
     return p
 
 
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"Loading {model}...", file=sys.stderr, flush=True)
     engine = open_engine(model, int(chat["context_length"]), int(chat["threads"]))
     messages = [ChatMessage("system", system)] if system else []
+    # The conversation goes into the chat history (serving/history.py) as the app's do; it is
+    # created at the first question, so a session with none leaves nothing behind.
+    history = None if getattr(args, "no_history", False) else _History(model, system, settings)
     if interactive:
         print(f"Chatting with {engine.name}. Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
     try:
@@ -59,11 +63,33 @@ def run(args: argparse.Namespace) -> int:
             if interactive and text in ("/quit", "/exit"):
                 break
             messages.append(ChatMessage("user", text))
+            if history:
+                history.add("user", text)
             reply = _answer(engine, messages, settings, interactive)
             messages.append(ChatMessage("assistant", reply))
+            if history and reply:
+                history.add("assistant", reply, engine.name)
     finally:
         engine.close()
     return 0
+
+
+class _History:
+    def __init__(self, model: str, system: str, settings) -> None:
+        from serving.history import History
+
+        self._store = History()
+        self._model, self._system, self._settings = model, system, settings
+        self._conversation_id: int | None = None
+
+    def add(self, role: str, text: str, model: str = "") -> None:
+        if self._conversation_id is None:
+            s = self._settings
+            self._conversation_id = self._store.new_conversation(
+                self._model, self._system, settings={"temperature": s.temperature, "top_p": s.top_p,
+                                                      "repeat_penalty": s.repeat_penalty, "max_tokens": s.max_tokens},
+            ).id
+        self._store.add_message(self._conversation_id, role, text, model)
 
 
 def _answer(engine, messages, settings, interactive: bool) -> str:

@@ -32,6 +32,12 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON progress events, one per line")
     p.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
                    help="checkpoint at least this often (and at every epoch's end); default 30")
+    p.add_argument("--devices", metavar="all|NAME,...",
+                   help="pooled training (PAC): also use these paired devices (see docs/pooled.md)")
+    p.add_argument("--interface", action="append", metavar="ADDRESS",
+                   help="with --devices: IPv4 address to find devices on (repeatable; default: all)")
+    p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="with --devices: how long to look for the devices (default 5)")
     return p
 
 
@@ -54,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
     )
     report = _JsonReport() if args.json else _BarReport()
     try:
-        result = train(spec, resume=args.resume, on_event=report, checkpoint_every_s=args.checkpoint_every)
+        if args.devices:
+            from app.commands.train_pooled import run_pooled
+
+            result = run_pooled(args, spec, report)
+        else:
+            result = train(spec, resume=args.resume, on_event=report, checkpoint_every_s=args.checkpoint_every)
     finally:
         report.close()
     if not args.json:

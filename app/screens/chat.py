@@ -100,7 +100,8 @@ class ChatScreen(Screen):
         self.query_one("#prompt", PromptInput).focus()
         if getattr(self.app, "first_run", None):
             self.set_guide(True)
-        self._load_engine(self.chat.default_model)
+        # After the first frame: loading llama.cpp must not delay it.
+        self.call_after_refresh(self._load_engine, self.chat.default_model)
 
     def set_guide(self, visible: bool) -> None:
         self.show_guide = visible
