@@ -77,13 +77,18 @@ class HearthApp(App):
         super().__init__()
         self.services = services
         self.start_mesh = start_mesh
-        self._theme_choice = theme
         self.first_run: bool | None = None  # known once the startup worker has looked
         self.add_mode("chat", self._chat_screen)
         self.add_mode("devices", self._devices_screen)
         self.add_mode("train", self._train_screen)
         self.add_mode("models", self._models_screen)
         self.set_keymap(keymap_from_config(services.config.section("keys")))
+        self._theme_name = choose_theme(theme or str(services.config.section("app").get("theme", "auto")))
+        if self._theme_name not in self.available_themes:
+            from core.errors import HearthError
+
+            raise HearthError(f"config.toml: app.theme {self._theme_name!r} is not a theme "
+                              f"(auto, light, dark, or one of: {', '.join(sorted(self.available_themes))})")
 
     def _chat_screen(self) -> Screen:
         from app.screens.chat import ChatScreen
@@ -106,7 +111,7 @@ class HearthApp(App):
         return ModelsScreen(self.services.models)
 
     def on_mount(self) -> None:
-        self.theme = choose_theme(self._theme_choice or str(self.services.config.section("app").get("theme", "auto")))
+        self.theme = self._theme_name
         self.services.devices.on_pairing_request(lambda request: self.post_message(PairingRequested(request)))
         self.switch_mode("chat")
         # Background work starts once the first frame is drawn: its imports (llama.cpp, the

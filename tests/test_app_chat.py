@@ -246,3 +246,20 @@ def test_unknown_key_action_in_config_is_a_one_line_error(hearth_home):
     write_config(hearth_home, keys={"launch_rockets": "f5"})
     with pytest.raises(HearthError, match="keys.launch_rockets"):
         make_app()
+
+
+def test_theme_follows_the_terminal_background_or_the_config(hearth_home, monkeypatch):
+    from app.hearth_app import choose_theme
+    from core.errors import HearthError
+
+    monkeypatch.setenv("COLORFGBG", "0;15")
+    assert choose_theme("auto") == "textual-light"
+    monkeypatch.setenv("COLORFGBG", "15;0")
+    assert choose_theme("auto") == "textual-dark"
+    assert choose_theme("light") == "textual-light"
+    write_config(hearth_home, app={"theme": "no-such-theme"})
+    with pytest.raises(HearthError, match="app.theme"):
+        from app.hearth_app import HearthApp
+        from app.services import build_services
+
+        HearthApp(build_services())

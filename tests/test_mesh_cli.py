@@ -83,6 +83,7 @@ def test_worker_pair_devices_unpair_from_the_command_line(tmp_path):
     assert worker.lines[-1] == "Stopped; the mDNS record is withdrawn."
 
 
+@pytest.mark.slow
 def test_no_pairing_worker_refuses_and_bad_addresses_fail_cleanly(tmp_path):
     worker = _start(tmp_path / "w", "worker", "--no-pairing", "--interface", "127.0.0.1", stderr=tmp_path / "w.err")
     try:

@@ -32,9 +32,11 @@ SUBNET = "10.78.0"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
-    parser.add_argument("--data", default=None, help="training data (default: the household chats)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--data", default=None,
+                        help="training data (default: the first --samples Dolly open-QA pairs from the shared fixtures)")
+    parser.add_argument("--samples", type=int, default=64, help="samples of the default data (default 64)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rate", default="100mbit", help="tbf rate of the link (default 100mbit)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the throughputs into this PNG")
 
@@ -84,8 +86,17 @@ class _Proc:
                 self.popen.kill()
 
 
-def _household_data() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "household" / "train.jsonl"
+def _default_data(samples: int, folder: Path) -> Path:
+    """The first `samples` lines of the Dolly open-QA fixture: answers long enough that an
+    adapter step is real work (the household facts are a dozen trained tokens each)."""
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly_open_qa" / "open_qa_train.jsonl"
+    if not source.is_file():
+        raise HearthError(f"{source}: missing; pass --data")
+    with open(source, encoding="utf-8") as f:
+        lines = [line for _, line in zip(range(samples), f)]
+    target = folder / "bench-data.jsonl"
+    target.write_text("".join(lines), "utf-8")
+    return target
 
 
 def run(args) -> dict:
@@ -96,9 +107,9 @@ def run(args) -> dict:
     from training.job import JobSpec
     from training.trainer import train
 
-    data = args.data or str(_household_data())
-    spec = JobSpec(name="bench-mesh", data=data, model=args.model, epochs=args.epochs, batch_size=args.batch_size)
     root = Path(tempfile.mkdtemp(prefix="hearth-bench-mesh-"))
+    data = args.data or str(_default_data(args.samples, root))
+    spec = JobSpec(name="bench-mesh", data=data, model=args.model, epochs=args.epochs, batch_size=args.batch_size)
     os.environ["HEARTH_HOME"] = str(root / "single")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -303,9 +303,9 @@ class _PooledJob:
             if reply.fields.get("need_model"):
                 raise _Lost(member, "it did not keep the base model it was sent")
 
-    def _profile(self, member: _Member, tokens: int) -> PartProfile:
-        profile = PartProfile.from_fields(self._call(member, PROFILE, {"job": self.job_id, "tokens": tokens}, timeout=300).fields)
-        return profile
+    def _profile(self, member: _Member, tokens: int, trained: int) -> PartProfile:
+        fields = {"job": self.job_id, "tokens": tokens, "trained": trained}
+        return PartProfile.from_fields(self._call(member, PROFILE, fields, timeout=300).fields)
 
     def _bandwidth(self, member: _Member) -> tuple[float, float]:
         """(bytes per second, one-way latency) to `member`, from a small and a 1 MiB request."""
@@ -336,12 +336,13 @@ class _PooledJob:
     def prepare(self) -> Plan:
         """Open the job everywhere, measure, plan, and hand each device its samples."""
         examples = self.run.examples
-        tokens = max(2, round(sum(len(e.input_ids) for e in examples) / len(examples)))
+        tokens = self._padded_length()
+        trained = max(1, round(sum(e.trained_tokens for e in examples) / len(examples)))
         self._each(self._open)
         profiles: dict[str, tuple[PartProfile, float, float]] = {}
 
         def measure(member: _Member) -> None:
-            profile = self._profile(member, tokens)
+            profile = self._profile(member, tokens, trained)
             bandwidth, latency = self._bandwidth(member)
             profiles[member.name] = (profile, bandwidth, latency)
 
@@ -385,6 +386,17 @@ class _PooledJob:
             m.first_owned = {i for i, name in self.owners.items() if name == m.name}
         self._each(lambda m: self._send_samples(m, m.first_owned), only=[m for m in active if m.first_owned])
         return plan
+
+    def _padded_length(self) -> int:
+        """Tokens per sample a forward really computes: samples are padded to the longest of
+        their batch (epoch 1's batches, split in halves as a device's part would be)."""
+        lengths = [len(e.input_ids) for e in self.run.examples]
+        padded = []
+        for batch in batch_plan(len(lengths), self.spec.batch_size, self.spec.seed, 0):
+            for part in (batch[: (len(batch) + 1) // 2], batch[(len(batch) + 1) // 2:]):
+                if part:
+                    padded.extend([max(lengths[i] for i in part)] * len(part))
+        return max(2, round(sum(padded) / len(padded)))
 
     def _each(self, fn: Callable[[_Member], None], only: list[_Member] | None = None) -> None:
         """Run `fn` on every active member at once; a member that fails is marked gone."""

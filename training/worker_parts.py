@@ -212,9 +212,10 @@ class WorkerJob:
             return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
                               time.perf_counter() - started)
 
-    def profile(self, tokens: int, samples: int = 2, repeats: int = 3) -> PartProfile:
-        """Time a forward and an adapter step on random token ids of a typical sample's length
-        (the fastest of `repeats`: the device's speed, not a moment's contention)."""
+    def profile(self, tokens: int, trained: int | None = None, samples: int = 2, repeats: int = 3) -> PartProfile:
+        """Time a forward on random token ids of a typical (padded) sample's length, and an
+        adapter step on `trained` positions per sample (the ones that carry a label); the
+        fastest of `repeats`: the device's speed, not a moment's contention."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)
@@ -226,9 +227,10 @@ class WorkerJob:
                 started = time.perf_counter()
                 taps, _ = backbone_taps(self.backbone.model, self.config, ids)
                 forward_s = min(forward_s, (time.perf_counter() - started) / samples)
-            flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])
+            positions = samples * max(1, min(trained or tokens, tokens))
+            flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])[:positions]
             started = time.perf_counter()
-            pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1))
+            pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1)[:positions])
             adapter_s = min(adapter_s, (time.perf_counter() - started) / samples)
         return PartProfile(forward_s, adapter_s, available_memory(), torch.get_num_threads())
 
@@ -286,7 +288,9 @@ class WorkerJobs:
                 self.jobs.pop(fields["job"], None)
             return {"closed": True}, None
         if type == PROFILE:
-            return job.profile(int(fields["tokens"])).to_fields(), None
+            trained = fields.get("trained")
+            trained = trained if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 else None
+            return job.profile(int(fields["tokens"]), trained).to_fields(), None
         if type == SAMPLES:
             return {"samples": job.add_samples(unpack_examples(tensors))}, None
         if type == STEP:
