@@ -150,7 +150,8 @@ class HearthApp(App):
         def decided(accepted: bool | None) -> None:
             if accepted:
                 request.accept()
-                self.notify(f"Paired with {request.peer_name}.", title="Pairing")
+                self.notify(f"Accepted: {request.peer_name} is paired once it confirms too (F2 shows it).",
+                            title="Pairing")
             else:
                 request.reject()
                 self.notify(f"Pairing with {request.peer_name} rejected.", title="Pairing")

@@ -18,12 +18,13 @@ from mesh.handlers import Request
 from mesh.transport import Reply
 
 
-def register_job_parts(agent: Any) -> Any:
-    """Serve pooled-training parts on `agent`; returns the WorkerJobs that holds the open jobs."""
+def register_job_parts(agent: Any, memory_budget: int | None = None) -> Any:
+    """Serve pooled-training parts on `agent`; returns the WorkerJobs that holds the open jobs.
+    `memory_budget`: bytes jobs may use on this device (None: what is free)."""
     from training.worker_parts import PART_FIELDS, WorkerJobs
 
     root = agent.files.root
-    jobs = WorkerJobs(received_model=lambda sha256, name: _received(root, sha256, name))
+    jobs = WorkerJobs(received_model=lambda sha256, name: _received(root, sha256, name), memory_budget=memory_budget)
 
     def handler(request: Request) -> Reply:
         fields, tensors = jobs.handle(request.peer.device_id, request.type, request.fields, request.tensors)

@@ -94,13 +94,14 @@ async def test_escape_stops_an_answer_mid_stream_and_keeps_what_came(hearth_home
 
 @run_async
 async def test_stream_stays_in_the_conversation_it_started_in(hearth_home):
-    write_config(hearth_home, chat={"max_tokens": 60, "threads": 2})
+    write_config(hearth_home, chat={"max_tokens": 30, "threads": 2})
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app)
         await _ask(pilot, app, "Tell me about the moon.")
         first = app.screen.conversation_id
         await pilot.press("ctrl+n")          # a new chat while the answer streams
+        assert app.screen._stream_conversation == first
         await pilot.pause()
         assert app.screen.conversation_id is None and not _views(app)
         await _answered(pilot, app)

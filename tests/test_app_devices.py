@@ -66,9 +66,12 @@ class Worker:
             self.proc.kill()
 
 
+KITCHEN = f"kitchen-{os.getpid()}"   # unique: other tests on this host may advertise a "kitchen"
+
+
 @pytest.fixture
 def worker(tmp_path):
-    w = Worker(tmp_path / "worker-home", "kitchen")
+    w = Worker(tmp_path / "worker-home", KITCHEN)
     yield w
     w.stop()
 
@@ -91,8 +94,8 @@ async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home
         app.screen.query_one("#add-address").value = f"127.0.0.1:{worker.port}"
         app.screen.query_one("#add-address").focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: _row(app, "kitchen") is not None, 30, "the worker in the list")
-        kitchen = _row(app, "kitchen")
+        await wait_until(pilot, lambda: _row(app, KITCHEN) is not None, 30, "the worker in the list")
+        kitchen = _row(app, KITCHEN)
         assert kitchen.kind == "desktop" and not kitchen.paired
 
         table = app.screen.query_one("#device-table")
@@ -107,16 +110,16 @@ async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home
         worker.answer("y")
         await pilot.pause(0.3)
         await pilot.click("#accept")
-        await wait_until(pilot, lambda: (_row(app, "kitchen") or kitchen).paired, 60, "the pairing")
-        await wait_until(pilot, lambda: _row(app, "kitchen").cores, 60, "the worker's profile")
-        kitchen = _row(app, "kitchen")
+        await wait_until(pilot, lambda: (_row(app, KITCHEN) or kitchen).paired, 60, "the pairing")
+        await wait_until(pilot, lambda: _row(app, KITCHEN).cores, 60, "the worker's profile")
+        kitchen = _row(app, KITCHEN)
         assert kitchen.cores == os.cpu_count() and kitchen.memory_gb > 0 and kitchen.state == "idle"
 
         table.move_cursor(row=app.screen.rows.index(kitchen))
         await pilot.press("u")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the unpair question")
         await pilot.click("#yes")
-        await wait_until(pilot, lambda: _row(app, "kitchen") is not None and not _row(app, "kitchen").paired,
+        await wait_until(pilot, lambda: _row(app, KITCHEN) is not None and not _row(app, KITCHEN).paired,
                          30, "the unpairing")
         assert app.services.devices.paired_count() == 0
 

@@ -47,12 +47,13 @@ def household_notes(shared_dir: Path, folder: Path, canary: str = "") -> Path:
 class WorkerProcess:
     """`hearth worker` on loopback with its own HEARTH_HOME; prompts answered on stdin."""
 
-    def __init__(self, name: str, home: Path):
+    def __init__(self, name: str, home: Path, *extra: str):
         self.name, self.home = name, home
+        home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, HEARTH_HOME=str(home), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.stderr = open(home.parent / f"{name}.stderr", "w")
         self.popen = subprocess.Popen(
-            [str(VENV_BIN / "hearth"), "worker", "--name", name, "--port", "0", "--interface", LOOP],
+            [str(VENV_BIN / "hearth"), "worker", "--name", name, "--port", "0", "--interface", LOOP, *extra],
             cwd=REPO, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, bufsize=1)
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -323,3 +324,30 @@ def test_only_pac_jobs_with_the_cache_are_pooled(notes, stories_gguf, hearth_hom
     for settings in ({"method": "lora"}, {"cache": False}):
         with pytest.raises(HearthError, match="PAC jobs with the activation cache"):
             train_pooled(_spec(notes, stories_gguf, "pooled-bad", **settings), [JobDevice("this")])
+
+
+def test_devices_too_small_for_the_backbone_train_as_a_pipeline(mesh, notes, stories_gguf, backbone, hearth_home,
+                                                                 tmp_path):
+    """Two workers that may use 64.7 MiB (the job's 64 MiB working memory plus about half of
+    stories260K's layers) cannot be replicas: the planner splits the layers between them, and
+    their activations pass through the mesh to the last stage's cache."""
+    from training.pooled import train_pooled
+
+    coordinator, _ = mesh
+    small = [WorkerProcess(name, tmp_path / name, "--job-memory-mb", "64.7") for name in ("phone-1", "phone-2")]
+    try:
+        for worker in small:
+            coordinator.pair(worker)
+        spec = _spec(notes, stories_gguf, "pooled-pipeline")
+        single = _single(spec, backbone)
+        plans = []
+        events = []
+        pooled = train_pooled(spec, coordinator.devices(small), backbone=backbone, on_plan=plans.append,
+                              on_event=events.append, save=False)
+    finally:
+        for worker in small:
+            worker.stop()
+    pipeline = [u for u in plans[0].units if u.kind == "pipeline"]
+    assert len(pipeline) == 1 and len(pipeline[0].stages) == 2 and pipeline[0].share > 0, plans[0].describe()
+    assert pooled.lost == [], [e.message for e in events if e.phase == "devices"]
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE

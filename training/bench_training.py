@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-steps", type=int, default=6, help="steps full fine-tuning really runs")
     parser.add_argument("--methods", default=",".join(m.key for m in METHODS), help="comma-separated subset")
     parser.add_argument("--data-dir", default=str(SHARED / "data"), help="the shared data folder")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per method (default 2)")
     parser.add_argument("--plot", help="write a PNG of time and memory per method")
 
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     if not wanted:
         raise HearthError(f"--methods: none of {args.methods} (choose from {', '.join(m.key for m in METHODS)})")
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hearth-bench-training-") as tmp:
         work = Path(tmp)
         train_file, eval_file, counts = build_data(data_dir, work, args.clinc_intents, args.clinc_train,
@@ -86,10 +88,14 @@ def run(args: argparse.Namespace) -> dict:
             config = {"method": asdict(method), "model": args.model, "epochs": args.epochs,
                       "train_file": str(train_file), "eval_file": str(eval_file),
                       "household_eval": str(data_dir / "household" / "eval.jsonl"),
-                      "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home")}
+                      "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home"),
+                      "threads": args.threads}
             results[method.key] = _run_worker(config, work / f"{method.key}.json")
+            print(f"[bench training] {method.key}: {json.dumps(results[method.key])}", file=sys.stderr, flush=True)
     report = summarise(results, args, counts)
     report["bench_wall_s"] = round(time.perf_counter() - started, 1)
+    # The machine may be shared: the 1-minute load average says how contended the run was.
+    report["load_average_start_end"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     if args.plot:
         plot(report, Path(args.plot))
     return report
@@ -155,6 +161,7 @@ def worker(config: dict, result_file: Path) -> None:
     from training.trainer import load_backbone, train
 
     torch.manual_seed(0)
+    torch.set_num_threads(int(config["threads"]))
     method = Method(**config["method"])
     t0 = time.perf_counter()
     backbone = load_backbone(config["model"], method.quant)
@@ -204,7 +211,7 @@ def summarise(results: dict, args: argparse.Namespace, counts: dict) -> dict:
         if before and "error" not in r:
             r.setdefault("household_recall_before", before.get("household_recall_before"))
     report: dict = {"model": args.model, "epochs": args.epochs, "data": counts,
-                    "threads": os.cpu_count(), "methods": results}
+                    "threads": args.threads, "cpus": os.cpu_count(), "methods": results}
     pac = results.get("pac_cache", {})
     loras = [results[k] for k in ("lora_r8_qv", "lora_r16_all") if k in results and "error" not in results[k]]
     if pac.get("wall_s") and loras:

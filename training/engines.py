@@ -126,6 +126,7 @@ class LlamaCppEngine:
             stop=list(settings.stop) or None,
             seed=settings.seed,
         )
+        finished = False
         try:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
@@ -133,8 +134,15 @@ class LlamaCppEngine:
                 piece = chunk["choices"][0].get("text")
                 if piece:
                     yield piece
+            else:
+                finished = True
         finally:
             chunks.close()
+            if not finished:
+                # A reply stopped half-way leaves llama-cpp-python's record of the evaluated
+                # tokens out of step with the KV cache; forget it so the next prompt is
+                # evaluated afresh (measured: without this the next greedy answer changes).
+                self._llama.reset()
 
     def close(self) -> None:
         llama = getattr(self, "_llama", None)

@@ -52,7 +52,7 @@ from training.job import (
 )
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
-    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STEP, PartProfile, StepResult, WorkerJobs, file_sha256, pack_examples,
+    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, file_sha256, pack_examples,
     weights_to_tensors,
 )
 
@@ -152,6 +152,8 @@ class _Member:
     sent: set[int] = field(default_factory=set)       # samples whose token ids it holds
     first_owned: set[int] = field(default_factory=set)
     last_share: int = 0
+    in_pipeline: bool = False
+    cached: set[int] = field(default_factory=set)     # a pipeline cache holder: samples it cached
     samples: int = 0
     busy_s: float = 0.0
 
@@ -267,6 +269,7 @@ class _PooledJob:
         self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.members)), thread_name_prefix="pooled")
         self._sha256: str | None = None
         self.plan: Plan | None = None
+        self.pipelines: dict[str, Any] = {}        # cache holder -> its planner Unit (kind "pipeline")
 
     # --- talking to devices --------------------------------------------------------------------
 
@@ -283,9 +286,20 @@ class _PooledJob:
         return reply
 
     def _gone(self, member: _Member, reason: str) -> None:
+        if member.state == "gone":
+            return
         member.state = "gone"
         self.lost.append(member.name)
         self.emit(ProgressEvent("devices", message=f"{member.name} left the job ({reason})"))
+        # A pipeline missing a stage cannot fill its cache: its samples go to the replicas.
+        for holder, unit in list(self.pipelines.items()):
+            if member.name in unit.devices:
+                del self.pipelines[holder]
+                for m in self.members:
+                    if m.name in unit.devices:
+                        m.speed = 0.0
+                        if m.state != "gone":
+                            m.state = "idle"
 
     def _open(self, member: _Member) -> None:
         if self._sha256 is None:
@@ -368,23 +382,24 @@ class _PooledJob:
                 profile.memory_bytes, bandwidth, latency))
         plan = make_plan(planner_devices, model, self.spec.batch_size)
         self.plan = plan
-        replicas = {u.cache_holder: u for u in plan.units if u.kind == "replica" and u.share > 0}
+        working = {u.cache_holder: u for u in plan.units if u.share > 0}
+        self.pipelines = {holder: u for holder, u in working.items() if u.kind == "pipeline"}
+        in_units = {n for u in working.values() for n in u.devices}
         for m in active:
-            unit = replicas.get(m.name)
-            if unit is None:
+            unit = working.get(m.name)
+            m.speed = 1.0 / max(unit.seconds_per_sample, 1e-9) if unit is not None else 0.0
+            m.in_pipeline = any(m.name in u.devices for u in self.pipelines.values())
+            if m.name not in in_units:
                 m.state = "idle"
-                m.speed = 0.0
-            else:
-                m.speed = 1.0 / max(unit.seconds_per_sample, 1e-9)
-        pipelines = [u for u in plan.units if u.kind == "pipeline" and u.share > 0]
-        if pipelines:
-            names = sorted({n for u in pipelines for n in u.devices})
-            self.emit(ProgressEvent("devices", message=f"pipeline stages are not run over the mesh yet: "
-                                                       f"{', '.join(names)} sit this job out"))
         self.owners = assign_owners(len(examples), {m.name: m.speed for m in active})
         for m in active:
             m.first_owned = {i for i, name in self.owners.items() if name == m.name}
-        self._each(lambda m: self._send_samples(m, m.first_owned), only=[m for m in active if m.first_owned])
+        by_name = {m.name: m for m in active}
+        # A pipeline's first stage reads the token ids too; its later stages see only activations.
+        needs = {m.name: set(m.first_owned) for m in active}
+        for holder, unit in self.pipelines.items():
+            needs[unit.stages[0].device] |= by_name[holder].first_owned
+        self._each(lambda m: self._send_samples(m, needs[m.name]), only=[m for m in active if needs[m.name]])
         return plan
 
     def _padded_length(self) -> int:
@@ -434,7 +449,7 @@ class _PooledJob:
         """At an epoch's start: a device that left and can be reached again gets its samples back."""
         if self.rejoin is None:
             return
-        for member in [m for m in self.members if m.state == "gone" and not m.local]:
+        for member in [m for m in self.members if m.state == "gone" and not m.local and not m.in_pipeline]:
             try:
                 peer = self.rejoin(member.name)
             except Exception:
@@ -466,6 +481,8 @@ class _PooledJob:
         def one(name: str) -> StepResult:
             member = by_name[name]
             started = time.perf_counter()
+            if name in self.pipelines:
+                self._fill_pipeline(member, [i for i in parts[name] if i not in member.cached])
             reply = self._call(member, STEP, {"job": self.job_id, "step": self.step, "indices": parts[name]},
                                weights, timeout=self.step_timeout_s)
             member.busy_s += time.perf_counter() - started
@@ -484,6 +501,23 @@ class _PooledJob:
                 self._gone(exc.member, exc.reason)
             raise lost[0]
         return results
+
+    def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
+        """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
+        (and the taps so far) on, through the coordinator; the last stage caches them."""
+        if not indices:
+            return
+        unit = self.pipelines[holder.name]
+        by_name = {m.name: m for m in self.members}
+        tensors: dict = {}
+        for k, stage in enumerate(unit.stages):
+            last = k == len(unit.stages) - 1
+            fields = {"job": self.job_id, "first": stage.first_layer, "last": stage.last_layer, "cache": last}
+            if k == 0 or last:
+                fields["indices"] = indices
+            tensors = self._call(by_name[stage.device], STAGE, fields, tensors or None,
+                                 timeout=self.step_timeout_s).tensors or {}
+        holder.cached |= set(indices)
 
     def step_once(self, batch: list[int]) -> float:
         """One global step, applied exactly once: parts are recomputed until all of them arrive."""

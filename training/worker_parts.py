@@ -11,6 +11,9 @@ fields, tensors) -> (fields, tensors)`:
                seconds per sample, adapter step seconds per sample, memory free.
 - `pac.sink`   swallow a payload (the coordinator times it to measure the link).
 - `pac.samples` receive token ids of the samples this device owns (the only job data it gets).
+- `pac.stage`  pipeline stage (a device too small for the whole backbone): run decoder layers
+               first..last on token ids (first stage) or on the previous stage's activations; the
+               last stage stores the taps in its activation cache.
 - `pac.step`   with the coordinator's current adapter weights: for each given sample, the
                activation cache entry (backbone forward on first use: epoch 1, or a sample
                re-assigned from a device that left), then loss and adapter gradients
@@ -44,6 +47,7 @@ from training.data import Example
 from training.job import JobSpec, pac_gradients
 
 OPEN, PROFILE, SINK, SAMPLES, STEP, CLOSE = "pac.open", "pac.profile", "pac.sink", "pac.samples", "pac.step", "pac.close"
+STAGE = "pac.stage"
 # Request types and the fields each must carry (checked by the mesh before a handler runs).
 PART_FIELDS: dict[str, dict[str, type]] = {
     OPEN: {"job": str, "spec": str, "model_sha256": str, "model_name": str},
@@ -51,6 +55,7 @@ PART_FIELDS: dict[str, dict[str, type]] = {
     SINK: {},
     SAMPLES: {"job": str},
     STEP: {"job": str, "step": int},
+    STAGE: {"job": str, "first": int, "last": int},
     CLOSE: {"job": str},
 }
 MAX_JOBS = 4                 # open jobs per device (a coordinator that crashed leaves one behind)
@@ -212,6 +217,70 @@ class WorkerJob:
             return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
                               time.perf_counter() - started)
 
+    def stage(self, first: int, last: int, indices: list[int] | None, tensors: dict[str, torch.Tensor],
+              cache: bool) -> dict[str, torch.Tensor]:
+        """Pipeline stage (PAC, ALGORITHMS.md section 4): decoder layers first..last (0-based,
+        inclusive) for a microbatch. The first stage starts from its samples' token ids; a later
+        one from the `hidden` state the previous stage produced. The tapped layers' outputs travel
+        on with it (`taps`), so that the cache holder (`cache=True`, the last stage) can store
+        every tap of its samples at their labelled positions. Returns hidden, taps and mask."""
+        from training.data import collate
+        from training.parallel_adapters import decoder_layers, labelled_positions, record_taps
+
+        layers = decoder_layers(self.backbone.model)
+        if not 0 <= first <= last < len(layers):
+            raise ValueError(f"pac.stage: layers {first}-{last} are not in this model")
+        taps_here = [i for i in self.config.taps if first <= i <= last]
+        batch = None
+        if first == 0:
+            if not indices or any(i not in self.examples for i in indices):
+                raise ValueError("pac.stage: the first stage needs samples it was sent")
+            batch = collate([self.examples[i] for i in indices], self.pad_id)
+            mask = batch.attention_mask
+        else:
+            try:
+                hidden, mask = tensors["hidden"].float(), tensors["mask"].long()
+            except KeyError:
+                raise ValueError("pac.stage: a later stage needs tensors hidden and mask") from None
+        with _FORWARD_LOCK, torch.no_grad():
+            inner = self.backbone.model.model
+            whole = inner.layers
+            # The model runs just this stage's layers: the rest are left out of its layer list.
+            inner.layers = torch.nn.ModuleList(list(whole)[first:last + 1])
+            try:
+                with record_taps(self.backbone.model, [i - first for i in taps_here] + [last - first]) as seen:
+                    if batch is not None:
+                        inner(input_ids=batch.input_ids, attention_mask=mask, use_cache=False)
+                    else:
+                        inner(inputs_embeds=hidden, attention_mask=mask, use_cache=False)
+            finally:
+                inner.layers = whole
+        out_hidden = seen[last - first].float()
+        new_taps = [seen[i - first].float() for i in taps_here]
+        carried = tensors.get("taps") if first > 0 else None
+        parts = ([carried] if carried is not None and carried.numel() else []) + \
+            ([torch.stack(new_taps, dim=-2)] if new_taps else [])
+        taps = torch.cat(parts, dim=-2) if parts else None
+        if not cache:
+            out = {"hidden": out_hidden.contiguous(), "mask": mask.contiguous()}
+            if taps is not None:         # none yet before the first tapped layer
+                out["taps"] = taps.contiguous()
+            return out
+        if last != len(layers) - 1 or taps is None or taps.shape[-2] != len(self.config.taps):
+            raise ValueError("pac.stage: only the last stage, with every tap, can fill the cache")
+        if not indices or any(i not in self.examples for i in indices):
+            raise ValueError("pac.stage: the cache holder needs the samples it caches")
+        labelled = collate([self.examples[i] for i in indices], self.pad_id)
+        if labelled.input_ids.shape != mask.shape:
+            raise ValueError("pac.stage: the activations do not match these samples")
+        rows, cols, targets = labelled_positions(labelled)
+        selected = as_cached(taps[rows, cols], self.spec.cache_dtype)
+        counts = torch.bincount(rows, minlength=len(indices)).tolist()
+        with self.lock:
+            for i, t, y in zip(indices, torch.split(selected, counts), torch.split(targets, counts)):
+                self.cache[i] = (t.contiguous(), y.contiguous())
+        return {}
+
     def profile(self, tokens: int, trained: int | None = None, samples: int = 2, repeats: int = 3) -> PartProfile:
         """Time a forward on random token ids of a typical (padded) sample's length, and an
         adapter step on `trained` positions per sample (the ones that carry a label); the
@@ -273,6 +342,7 @@ class WorkerJobs:
 
     received_model: Any = None                     # Callable[[str, str], Path] | None
     local_backbone: Any = None
+    memory_budget: int | None = None               # bytes jobs may use here (None: what is free)
     jobs: dict[str, _Open] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _backbones: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -290,7 +360,10 @@ class WorkerJobs:
         if type == PROFILE:
             trained = fields.get("trained")
             trained = trained if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 else None
-            return job.profile(int(fields["tokens"]), trained).to_fields(), None
+            profile = job.profile(int(fields["tokens"]), trained)
+            if self.memory_budget is not None:
+                profile.memory_bytes = min(profile.memory_bytes, self.memory_budget)
+            return profile.to_fields(), None
         if type == SAMPLES:
             return {"samples": job.add_samples(unpack_examples(tensors))}, None
         if type == STEP:
@@ -299,6 +372,12 @@ class WorkerJobs:
                 raise ValueError("pac.step: field 'indices' must be a non-empty list of sample numbers")
             weights = {k[2:]: v for k, v in (tensors or {}).items() if k.startswith("w.")}
             return job.step(indices, weights).to_reply()
+        if type == STAGE:
+            indices = fields.get("indices")
+            if indices is not None and (not isinstance(indices, list) or not all(isinstance(i, int) for i in indices)):
+                raise ValueError("pac.stage: field 'indices' must be a list of sample numbers")
+            out = job.stage(fields["first"], fields["last"], indices, dict(tensors or {}), bool(fields.get("cache")))
+            return {"cached": len(indices or []) if fields.get("cache") else 0}, out or None
         raise ValueError(f"unknown job part {type!r}")
 
     def _job(self, owner: str, job_id: str) -> WorkerJob:

@@ -18,6 +18,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--interface", action="append", metavar="ADDRESS",
                    help="IPv4 address to listen and advertise on (repeatable; default: all)")
     p.add_argument("--no-pairing", action="store_true", help="refuse new pairing requests")
+    p.add_argument("--job-memory-mb", type=float, metavar="MIB",
+                   help="memory pooled training may use here (default: what is free); below the "
+                        "backbone's size this device becomes a pipeline stage")
     return p
 
 
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     assert service.agent is not None
     from mesh.job_parts import register_job_parts
 
-    register_job_parts(service.agent)   # pooled training parts (training loads on first use)
+    budget = int(args.job_memory_mb * (1 << 20)) if args.job_memory_mb else None
+    register_job_parts(service.agent, budget)   # pooled training parts (training loads on first use)
     service.agent.responder.on_result = lambda incoming, outcome: say(f"Pairing with {incoming.peer_name}: {outcome}")
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=prompt_loop, daemon=True).start()

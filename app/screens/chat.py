@@ -103,6 +103,11 @@ class ChatScreen(Screen):
         # After the first frame: loading llama.cpp must not delay it.
         self.call_after_refresh(self._load_engine, self.chat.default_model)
 
+    def on_screen_resume(self) -> None:
+        first_run = getattr(self.app, "first_run", None)
+        if first_run is not None and self.is_mounted:
+            self.set_guide(first_run)
+
     def set_guide(self, visible: bool) -> None:
         self.show_guide = visible
         self.query_one("#guide").set_class(not visible, "hidden")

@@ -89,6 +89,7 @@ class TrainScreen(Screen):
         self.sub_title = "Train"
         self._statement()
         self._load_interrupted()
+        self._load_devices()
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [
@@ -117,6 +118,16 @@ class TrainScreen(Screen):
     @on(SelectionList.SelectedChanged)
     def _statement(self) -> None:
         self.query_one("#data-statement", Static).update(where_data_goes(self.plan(), self.train.this_device))
+
+    @work(thread=True, exit_on_error=False, group="paired")
+    def _load_devices(self) -> None:
+        names = self.devices.paired_names()
+        self.app.call_from_thread(self._show_devices, names)
+
+    def _show_devices(self, names: list[str]) -> None:
+        selection = self.query_one("#devices", SelectionList)
+        known = {selection.get_option_at_index(i).value for i in range(selection.option_count)}
+        selection.add_options([(name, name, False) for name in names if name not in known])
 
     @work(thread=True, exit_on_error=False, group="interrupted")
     def _load_interrupted(self) -> None:
@@ -200,11 +211,15 @@ class TrainScreen(Screen):
         for index, device in enumerate(status.devices):
             bar_id = f"bar-{index}"
             found = bars.query(f"#{bar_id}")
+            label = device.name if device.state == "training" else f"{device.name} ({device.state})"
+            if device.samples_per_s:
+                label += f", {device.samples_per_s:.1f} samples/s"
             if found:
                 bar = found.first(ProgressBar)
+                bars.query_one(f"#{bar_id}-label", Label).update(label)
             else:
                 bar = ProgressBar(total=max(device.total, 1), id=bar_id, show_eta=False)
-                bars.mount(Label(device.name, classes="device-name"), bar)
+                bars.mount(Label(label, id=f"{bar_id}-label", classes="device-name"), bar)
             bar.update(total=max(device.total, 1), progress=device.step)
         if status.losses:
             self.query_one("#loss", Sparkline).data = list(status.losses)

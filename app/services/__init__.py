@@ -38,10 +38,11 @@ def build_services(config: Config | None = None, devices: DevicesService | None 
     from serving.history import History
 
     config = config or load_config()
+    devices = devices or DevicesService()
     return Services(
         config=config,
         chat=ChatService(History(), config),
         models=ModelsService(config),
-        devices=devices or DevicesService(),
-        train=TrainService(),
+        devices=devices,
+        train=TrainService(devices=devices),
     )

@@ -40,6 +40,12 @@ class ChatService:
         self._engine: ChatEngine | None = None
         self._engine_model = ""
         self._engine_lock = threading.Lock()
+        # Streams in progress: close() stops them and waits before freeing the engine (freeing
+        # llama.cpp's context under a running decode would crash the process).
+        self._streams: set[threading.Event] = set()
+        self._streams_lock = threading.Lock()
+        self._idle = threading.Condition(self._streams_lock)
+        self._closed = False
 
     # --- conversations ---------------------------------------------------------------------
 
@@ -86,6 +92,10 @@ class ChatService:
     def engine(self, model: str) -> ChatEngine:
         """The engine for `model`, loading it (seconds) unless it is the one already loaded."""
         with self._engine_lock:
+            if self._closed:
+                from core.errors import HearthError
+
+                raise HearthError("the chat service is closed")
             if self._engine is None or self._engine_model != model:
                 if self._engine is not None:
                     self._engine.close()
@@ -120,13 +130,23 @@ class ChatService:
         engine = self.engine(conversation.model or self.default_model)
         turns = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
         turns += [ChatMessage(m.role, m.content) for m in self.history.messages(conversation_id)]
+        cancel = cancel if cancel is not None else threading.Event()
         pieces: list[str] = []
-        for piece in engine.stream(turns, settings or self.sampling_settings(), cancel):
-            pieces.append(piece)
-            on_piece(piece)
-            if cancel is not None and cancel.is_set():
-                break
-        stopped = bool(cancel is not None and cancel.is_set())
+        with self._streams_lock:
+            if self._closed:
+                cancel.set()
+            self._streams.add(cancel)
+        try:
+            for piece in engine.stream(turns, settings or self.sampling_settings(), cancel):
+                pieces.append(piece)
+                on_piece(piece)
+                if cancel.is_set():
+                    break
+        finally:
+            with self._streams_lock:
+                self._streams.discard(cancel)
+                self._idle.notify_all()
+        stopped = cancel.is_set()
         text = "".join(pieces).strip()
         if not text and stopped:
             return Reply(Message(0, conversation_id, "assistant", ""), True, 0)
@@ -141,8 +161,15 @@ class ChatService:
             return messages[-1]
         return None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the answers in progress (they are stored as stopped), then free the engine."""
+        with self._streams_lock:
+            self._closed = True
+            for cancel in self._streams:
+                cancel.set()
+            self._idle.wait_for(lambda: not self._streams, timeout)
+            still_running = bool(self._streams)
         with self._engine_lock:
-            if self._engine is not None:
+            if self._engine is not None and not still_running:
                 self._engine.close()
-                self._engine = None
+            self._engine = None

@@ -180,6 +180,33 @@ class DevicesService:
         return DeviceRow(device.id, device.name, device.kind, None, None, device.state, device.paired,
                          address=f"{host}:{port}")
 
+    # --- training with other devices ------------------------------------------------------
+
+    def paired_names(self) -> list[str]:
+        """Names of the paired devices (the Train screen offers them)."""
+        if self._mesh is None:
+            return []
+        return [d.name for d in self._mesh.devices() if d.paired]
+
+    def job_peers(self, names: list[str], wait_s: float = 5.0) -> list[tuple[str, Any]]:
+        """Connections to these paired devices for a pooled job (each must answer)."""
+        from core.errors import HearthError
+        from mesh.job_parts import connect_job_peers
+
+        if self._mesh is None:
+            raise HearthError(self.error or "the mesh is not running: other devices cannot train")
+        # By id: a device heard on the network may share a paired device's name.
+        paired = {d.name: d.id for d in self._mesh.devices() if d.paired}
+        missing = [name for name in names if name not in paired]
+        if missing:
+            raise HearthError(f"devices: {', '.join(missing)} not paired with this device")
+        return connect_job_peers(self._mesh, ",".join(paired[name] for name in names), wait_s)
+
+    def reconnect(self, name: str) -> Any:
+        from mesh.job_parts import reconnect
+
+        return reconnect(self._mesh, name) if self._mesh is not None else None
+
     # --- pairing ---------------------------------------------------------------------------
 
     def pair(self, ref: str, timeout: float = 20.0) -> OutgoingPair:

@@ -39,6 +39,8 @@ class DeviceProgress:
     name: str
     step: int
     total: int
+    state: str = "training"              # training, idle (no share this step), gone
+    samples_per_s: float | None = None
 
 
 @dataclass
@@ -72,13 +74,16 @@ def where_data_goes(plan: TrainPlan, this_device: str) -> str:
     if not others:
         return (f"Your data ({Path(plan.data).name or 'none chosen'}) stays on this device ({this_device}): "
                 "it is read here and nothing is sent anywhere.")
-    return (f"Your data ({Path(plan.data).name}) is read on this device and sent, encrypted, only to your "
-            f"paired device(s) {', '.join(others)} for this job; nothing goes to any other machine.")
+    return (f"Your data ({Path(plan.data).name}) is read on this device; the samples each paired device "
+            f"trains on ({', '.join(others)}) are sent to it encrypted, as token ids, for this job only; "
+            "nothing goes to any other machine.")
 
 
 class TrainService:
-    def __init__(self, this_device: str = ""):
+    def __init__(self, this_device: str = "", devices=None):
+        """`devices`: the DevicesService whose paired devices can join a pooled job."""
         self.this_device = this_device or os.uname().nodename
+        self.devices = devices
 
     def default_data(self) -> str:
         """The chats taught in the app, if there are any."""
@@ -100,11 +105,10 @@ class TrainService:
         if not 0.0 <= plan.pruning < 0.9:
             raise HearthError("pruning must be between 0% and 90%")
         others = [d for d in plan.devices if d != self.this_device]
-        if others:
-            raise HearthError(
-                f"training across devices ({', '.join(others)}) is not available from the app yet: "
-                "choose this device only"
-            )
+        if others and plan.method != "pac":
+            raise HearthError("training with other devices runs the pac method only: choose pac")
+        if others and self.devices is None:
+            raise HearthError("no mesh: train on this device only")
 
     def interrupted_jobs(self) -> list[InterruptedJob]:
         """Jobs with a checkpoint left behind (cancelled or killed), newest first."""
@@ -139,17 +143,43 @@ class TrainService:
                 raise TrainCancelled(f"job {spec.name} cancelled at step {event.step}: resume it to carry on")
             if event.loss is not None and event.phase == "train":
                 losses.append(float(event.loss))
-            on_status(TrainStatus(
-                event.phase, [DeviceProgress(self.this_device, event.step, event.total_steps)], list(losses),
-                event.epoch, event.samples_per_s, event.eta_s, event.message,
-            ))
+            figures = getattr(event, "devices", None)  # a pooled job reports each device
+            if figures:
+                devices = [DeviceProgress(f.name, event.step, event.total_steps, f.state, f.samples_per_s)
+                           for f in figures]
+            else:
+                devices = [DeviceProgress(self.this_device, event.step, event.total_steps)]
+            on_status(TrainStatus(event.phase, devices, list(losses), event.epoch, event.samples_per_s,
+                                  event.eta_s, event.message))
 
-        result = train(spec, resume=resume, on_event=on_event)
+        others = [d for d in plan.devices if d != self.this_device]
+        if others:
+            self._run_pooled(spec, others, on_status, on_event, resume)
+        else:
+            train(spec, resume=resume, on_event=on_event)
         name = spec.name
         if plan.pruning > 0 and not resume:
             name = self._prune(plan, on_status, losses)
-        del result
         return name
+
+    def _run_pooled(self, spec, others: list[str], on_status, on_event, resume: bool) -> None:
+        """PAC across this device and paired ones (training/pooled.py); each device's figures
+        become its own progress bar. The plan, with who receives data, is reported first."""
+        from training.pooled import JobDevice, train_pooled
+
+        peers = self.devices.job_peers(others)
+        try:
+            devices = [JobDevice(self.this_device)] + [JobDevice(name, peer) for name, peer in peers]
+
+            def on_plan(plan) -> None:
+                on_status(TrainStatus("plan", [DeviceProgress(d.name, 0, 0, "waiting") for d in devices], [],
+                                      message=plan.describe().replace("\n", "; ")))
+
+            train_pooled(spec, devices, resume=resume, on_event=on_event, on_plan=on_plan,
+                         rejoin=self.devices.reconnect)
+        finally:
+            for _, peer in peers:
+                peer.close()
 
     def _prune(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None], losses: list[float]) -> str:
         from training.pruning import prune_to_store
