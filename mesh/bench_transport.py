@@ -145,12 +145,17 @@ def _paired_pair(root: Path):
 
 # --- 2. averaging -------------------------------------------------------------------------------
 
+INNER = 5  # averagings per timed round
+
+
 def _spawn(world: int, target, params: int, repeats: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         ports = [_free_port() for _ in range(world + 1)]
         results = ctx.Queue()
-        procs = [ctx.Process(target=target, args=(rank, world, params, repeats, tmp, ports, results)) for rank in range(world)]
+        barrier = ctx.Barrier(world)  # starts every timed round together, on both sides
+        procs = [ctx.Process(target=target, args=(rank, world, params, repeats, tmp, ports, results, barrier))
+                 for rank in range(world)]
         for p in procs:
             p.start()
         outs = [results.get(timeout=600) for _ in procs]
@@ -159,9 +164,33 @@ def _spawn(world: int, target, params: int, repeats: int) -> dict:
     errors = [o for o in outs if "error" in o]
     if errors:
         raise RuntimeError(errors[0]["error"])
-    # One averaging is done when the slowest rank is done.
+    # One averaging is done when the slowest rank is done; CPU time is summed over the ranks.
     per_round = [max(o["times"][i] for o in outs) for i in range(repeats)]
-    return {"seconds": round(statistics.median(per_round), 4), "correct": all(o["correct"] for o in outs)}
+    cpu = [sum(o["cpu"][i] for o in outs) for i in range(repeats)]
+    return {"seconds": round(statistics.median(per_round), 4), "cpu_s": round(statistics.median(cpu), 4),
+            "correct": all(o["correct"] for o in outs)}
+
+
+def _timed_rounds(average, x, repeats: int, barrier, inner: int = INNER) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per `average(y)` (in place), for each of `repeats` timed rounds.
+
+    The same for both sides: y is refilled from x (not timed), every rank waits at one barrier,
+    then averages `inner` times back to back; a round's time / `inner` is one averaging, which
+    spreads the ranks' uneven wake-up from the barrier over several averagings. The first round
+    warms up (connections, buffers) and is not counted.
+    """
+    y = x.clone()
+    times, cpu = [], []
+    for i in range(repeats + 1):
+        y.copy_(x)
+        barrier.wait()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(inner):
+            average(y)
+        if i:
+            times.append((time.perf_counter() - start) / inner)
+            cpu.append((time.process_time() - start_cpu) / inner)
+    return times, cpu
 
 
 def _free_port() -> int:
@@ -176,13 +205,14 @@ def _rank_tensor(rank: int, params: int):
     return torch.arange(params, dtype=torch.float32) * 1e-6 + rank
 
 
-def _mesh_rank(rank, world, params, repeats, tmp, ports, results) -> None:
+def _mesh_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> None:
     import traceback
 
     try:
         import torch
 
         torch.set_num_threads(1)
+        import faulthandler; faulthandler.dump_traceback_later(45)  # DEBUG
         from mesh.agent import Agent, AgentConfig
         from mesh.client import PeerClient
         from mesh.collective import MeshGroup
@@ -204,9 +234,9 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results) -> None:
         for r in range(world):
             if r != rank:
                 trust.add(ids[r].cert_der, f"rank{r}", "desktop", ["127.0.0.1"], ports[r])
-        frame_limit = params * 4 + (8 << 20)
-        agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False,
-                                  max_frame=frame_limit), ids[rank], trust)
+        # Default frame limit: the group sends pieces of a few MiB, whatever the tensor's size.
+        agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False),
+                      ids[rank], trust)
         group = MeshGroup(rank, {}, agent.handlers)
         agent.start()
         peers = {}
@@ -215,22 +245,17 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results) -> None:
                 continue
             for _ in range(200):
                 try:
-                    peers[r] = PeerClient.connect(ids[r].device_id, [("127.0.0.1", ports[r])], ids[rank], trust,
-                                                  max_frame=frame_limit)
+                    peers[r] = PeerClient.connect(ids[r].device_id, [("127.0.0.1", ports[r])], ids[rank], trust)
                     break
                 except Exception:
                     time.sleep(0.05)
         group.peers = peers
         x = _rank_tensor(rank, params)
-        mean = group.average(x)  # warm up, and check
+        mean = group.average(x)  # warm up (connections, receive buffers), and check
         correct = bool(torch.allclose(mean, torch.arange(params, dtype=torch.float32) * 1e-6 + (world - 1) / 2))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            group.average(x)
-            times.append(time.perf_counter() - start)
+        times, cpu = _timed_rounds(lambda y: group.average(y, out=y), x, repeats, barrier)
         group.average(x)  # a last round so no rank leaves while another still waits
-        results.put({"rank": rank, "times": times, "correct": correct})
+        results.put({"rank": rank, "times": times, "cpu": cpu, "correct": correct})
         time.sleep(1.0)
         for peer in peers.values():
             peer.close()
@@ -239,7 +264,7 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results) -> None:
         results.put({"rank": rank, "error": traceback.format_exc()})
 
 
-def _gloo_rank(rank, world, params, repeats, tmp, ports, results) -> None:
+def _gloo_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> None:
     import traceback
 
     try:
@@ -253,16 +278,14 @@ def _gloo_rank(rank, world, params, repeats, tmp, ports, results) -> None:
         dist.all_reduce(y)
         y /= world
         correct = bool(torch.allclose(y, torch.arange(params, dtype=torch.float32) * 1e-6 + (world - 1) / 2))
-        times = []
-        for _ in range(repeats):
-            y = x.clone()
-            dist.barrier()
-            start = time.perf_counter()
+
+        def average(y):
             dist.all_reduce(y)
             y /= world
-            times.append(time.perf_counter() - start)
+
+        times, cpu = _timed_rounds(average, x, repeats, barrier)
         dist.barrier()
         dist.destroy_process_group()
-        results.put({"rank": rank, "times": times, "correct": correct})
+        results.put({"rank": rank, "times": times, "cpu": cpu, "correct": correct})
     except Exception:
         results.put({"rank": rank, "error": traceback.format_exc()})

@@ -68,7 +68,10 @@ def encode_frame(frame: Frame, max_frame: int = DEFAULT_MAX_FRAME) -> list[bytes
         raise FrameError(f"frame header of {len(header)} bytes is over the {MAX_HEADER}-byte limit")
     if len(header) + payload_len > max_frame:
         raise FrameError(f"frame of {len(header) + payload_len} bytes is over the {max_frame}-byte limit")
-    return [PREFIX.pack(len(header), payload_len) + header, *parts]
+    first = PREFIX.pack(len(header), payload_len) + header
+    if parts and isinstance(parts[0], bytes):  # the safetensors header rides with ours: one TLS record, not two
+        first += parts.pop(0)
+    return [first, *parts]
 
 
 def frame_bytes(frame: Frame, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
@@ -87,8 +90,19 @@ def decode_prefix(prefix: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[in
     return header_len, payload_len
 
 
-def decode_body(header: bytes, payload: bytes | bytearray) -> Frame:
+def decode_body(header: bytes, payload: bytes | bytearray | memoryview) -> Frame:
     """A frame from its header and payload bytes; FrameError on anything malformed."""
+    frame, fmt = decode_header(header)
+    attach_payload(frame, fmt, payload)
+    return frame
+
+
+def decode_header(header: bytes) -> tuple[Frame, str]:
+    """The frame a header describes (no payload yet) and its payload format; FrameError if malformed.
+
+    The transport reads the header before the payload so that it can choose where the payload
+    lands (Connection.payload_buffers) before a byte of it is read.
+    """
     import msgpack
 
     def no_ext(code: int, data: bytes) -> Any:
@@ -106,14 +120,17 @@ def decode_body(header: bytes, payload: bytes | bytearray) -> Frame:
     check_header(kind, type_, id_, fields)
     if fmt not in PAYLOADS:
         raise FrameError(f"unknown payload format {fmt!r}")
-    if fmt == "" and payload:
+    return Frame(kind, type_, id_, fields), fmt
+
+
+def attach_payload(frame: Frame, fmt: str, payload: bytes | bytearray | memoryview) -> None:
+    """Decode `payload` (format `fmt` from the header) into `frame`; tensors share a writable payload."""
+    if fmt == "" and len(payload):
         raise FrameError("payload present but format is empty")
-    frame = Frame(kind, type_, id_, fields)
     if fmt == "st":
         frame.tensors = decode_tensors(payload)
     elif fmt == "raw":
         frame.data = bytes(payload)
-    return frame
 
 
 def decode_frame(buf: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> Frame:
@@ -217,8 +234,9 @@ def tensor_parts(tensors: dict[str, Any]) -> list:
     return [len(header).to_bytes(8, "little") + header, *views]
 
 
-def decode_tensors(payload: bytes | bytearray) -> dict[str, Any]:
-    """Tensors from safetensors bytes, sharing `payload`'s memory when it is a bytearray.
+def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Tensors from safetensors bytes, sharing `payload`'s memory when it is writable (a bytearray,
+    or a writable memoryview such as a receive buffer the caller reuses).
 
     Every header entry is checked (known dtype, shape matches its byte range, ranges in order,
     contiguous and inside the payload); FrameError otherwise.
@@ -268,7 +286,8 @@ def decode_tensors(payload: bytes | bytearray) -> dict[str, Any]:
         position = end
     if position != data_len:
         raise FrameError("tensor byte ranges do not cover the payload exactly")
-    buffer = payload if isinstance(payload, bytearray) else bytearray(payload)
+    writable = isinstance(payload, bytearray) or (isinstance(payload, memoryview) and not payload.readonly)
+    buffer = payload if writable else bytearray(payload)
     tensors = {}
     for begin, end, name, dtype, shape, numel in spans:
         torch_dtype = _torch_dtype(dtype)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import ConnectionClosed, FrameError, PeerRefused, RemoteError, RequestTimeout
-from mesh.frames import DEFAULT_MAX_FRAME, PREFIX, Frame, decode_body, decode_prefix, encode_frame
+from mesh.frames import DEFAULT_MAX_FRAME, PREFIX, Frame, attach_payload, decode_header, decode_prefix, encode_frame
 from mesh.identity import Identity, der_to_pem, device_id_of
 
 log = logging.getLogger("hearth.mesh")
@@ -204,6 +204,37 @@ class _Pending:
         self.frame: Frame | None = None
 
 
+class PendingReply:
+    """A request already sent (Connection.submit); `result()` waits for its response."""
+
+    def __init__(self, conn: "Connection", type: str, request_id: int, pending: _Pending):
+        self._conn, self._type, self._id, self._pending = conn, type, request_id, pending
+
+    def result(self, timeout: float = 30.0) -> Reply:
+        """The response's Reply; RemoteError if the peer answered an error, RequestTimeout, ..."""
+        conn = self._conn
+        try:
+            if not self._pending.event.wait(timeout):
+                raise RequestTimeout(f"{self._type} to {conn._who()}: no response in {timeout:g} s")
+        finally:
+            with conn._pending_lock:
+                conn._pending.pop(self._id, None)
+        frame = self._pending.frame
+        if frame is None and conn.refused:
+            raise PeerRefused(f"{conn._who()} {conn.close_reason}")
+        if frame is None:
+            raise ConnectionClosed(f"connection to {conn._who()} closed: {conn.close_reason}")
+        if frame.kind == "err":
+            raise RemoteError(f"{conn._who()} answered {self._type}: {frame.fields.get('message', 'error')}")
+        return Reply(frame.fields, frame.tensors, frame.data)
+
+
+# Where a frame's payload is received instead of a fresh buffer: called on the reader thread with
+# the connection, the frame (header only) and the payload's length; returns a writable memoryview
+# of exactly that length, or None for a fresh buffer. See Connection.payload_buffers.
+PayloadBuffer = Callable[["Connection", Frame, int], "memoryview | None"]
+
+
 class Connection:
     """A framed, authenticated connection: requests both ways, heartbeats, a frame size limit.
 
@@ -230,6 +261,10 @@ class Connection:
         self._ids = itertools.count(1)
         self._last_sent = time.monotonic()
         self._threads: list[threading.Thread] = []
+        # Message type -> PayloadBuffer. A bulk receiver (collective.py) registers one so that
+        # its payloads land in buffers it reuses: no fresh allocation (and page faults) per
+        # frame. The frame is still decoded and checked exactly as any other.
+        self.payload_buffers: dict[str, PayloadBuffer] = {}
 
     def start(self) -> "Connection":
         # Silence for three heartbeats means the peer is gone.
@@ -243,6 +278,8 @@ class Connection:
     # sending
 
     def send(self, frame: Frame) -> None:
+        # The parts are the header and zero-copy views of the tensors' storage; each goes to
+        # SSL_write whole (OpenSSL cuts it into records), so no payload is copied in Python.
         parts = encode_frame(frame, self.max_frame)
         failure: OSError | None = None
         with self._send_lock:
@@ -250,7 +287,7 @@ class Connection:
                 self._raise_closed()
             try:
                 for part in parts:
-                    if part:
+                    if len(part):
                         self.sock.sendall(part)
                 self._last_sent = time.monotonic()
             except OSError as exc:
@@ -272,25 +309,23 @@ class Connection:
     def request(self, type: str, fields: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None,
                 data: bytes | None = None, timeout: float = 30.0) -> Reply:
         """Send a request and wait for its response; RemoteError if the peer answers an error."""
+        return self.submit(type, fields, tensors, data).result(timeout)
+
+    def submit(self, type: str, fields: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None,
+               data: bytes | None = None) -> PendingReply:
+        """Send a request and return at once; the PendingReply waits for the response. Lets a
+        caller keep several requests in flight on one connection (pipelining)."""
         request_id = next(self._ids)
         pending = _Pending()
         with self._pending_lock:
             self._pending[request_id] = pending
         try:
             self.send(Frame("req", type, request_id, dict(fields or {}), tensors, data))
-            if not pending.event.wait(timeout):
-                raise RequestTimeout(f"{type} to {self._who()}: no response in {timeout:g} s")
-        finally:
+        except BaseException:
             with self._pending_lock:
                 self._pending.pop(request_id, None)
-        frame = pending.frame
-        if frame is None and self.refused:
-            raise PeerRefused(f"{self._who()} {self.close_reason}")
-        if frame is None:
-            raise ConnectionClosed(f"connection to {self._who()} closed: {self.close_reason}")
-        if frame.kind == "err":
-            raise RemoteError(f"{self._who()} answered {type}: {frame.fields.get('message', 'error')}")
-        return Reply(frame.fields, frame.tensors, frame.data)
+            raise
+        return PendingReply(self, type, request_id, pending)
 
     def reply(self, request: Frame, reply: Reply) -> None:
         self.send(Frame("res", request.type, request.id, reply.fields, reply.tensors, reply.data))
@@ -302,20 +337,35 @@ class Connection:
 
     def _recv_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+        self._recv_into(memoryview(buf))
+        return buf
+
+    def _recv_into(self, view: memoryview) -> None:
+        # recv_into straight into the destination: TLS hands back at most one record (16 KiB)
+        # per call, and each lands where it belongs, with no intermediate bytes objects.
+        got, n = 0, len(view)
         while got < n:
             count = self.sock.recv_into(view[got:], n - got)
             if count == 0:
                 raise ConnectionClosed("peer closed the connection")
             got += count
-        return buf
 
     def read_frame(self) -> Frame:
         header_len, payload_len = decode_prefix(bytes(self._recv_exact(PREFIX.size)), self.max_frame)
-        header = self._recv_exact(header_len)
-        payload = self._recv_exact(payload_len) if payload_len else b""
-        return decode_body(bytes(header), payload)  # tensors share `payload`: no copy
+        frame, fmt = decode_header(bytes(self._recv_exact(header_len)))
+        payload: bytearray | memoryview = b""  # type: ignore[assignment]
+        if payload_len:
+            target = self.payload_buffers.get(frame.type)
+            view = target(self, frame, payload_len) if target is not None and fmt else None
+            if view is not None and (view.readonly or view.nbytes != payload_len):
+                view = None  # a wrong buffer is the receiver's bug; a fresh one is always safe
+            if view is None:
+                payload = self._recv_exact(payload_len)
+            else:
+                self._recv_into(view)
+                payload = view
+        attach_payload(frame, fmt, payload)  # tensors share `payload`: no copy
+        return frame
 
     def _read_loop(self) -> None:
         reason = "closed"

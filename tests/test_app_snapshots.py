@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from app_helpers import SIZE, make_app, write_config
+from app_helpers import SIZE, make_app, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,9 @@ def test_chat_screen_snapshot(snap_compare, hearth_home):
 
     async def before(pilot):
         await _settled(pilot)
-        await pilot.app.workers.wait_for_complete()   # the model is loaded: status says ready
-        await pilot.pause()
+        # The model loads after the first frame: wait until the status says so.
+        await wait_until(pilot, lambda: pilot.app.screen._status.endswith("ready."), 60, "the model")
+        await _settled(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
 

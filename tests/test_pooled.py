@@ -120,10 +120,11 @@ class Coordinator:
         worker.answer_pairing()
         assert pairing.wait(30).paired
 
-    def connect(self, worker: WorkerProcess):
+    def connect(self, worker: WorkerProcess, heartbeat_s: float = 5.0):
         from mesh.client import PeerClient
 
-        return PeerClient.connect(worker.device_id, [(LOOP, worker.port)], self.identity, self.trust)
+        return PeerClient.connect(worker.device_id, [(LOOP, worker.port)], self.identity, self.trust,
+                                  heartbeat_s=heartbeat_s)
 
     def devices(self, workers: list[WorkerProcess]):
         from training.pooled import JobDevice
@@ -241,6 +242,35 @@ def test_worker_killed_mid_epoch_is_replaced_and_no_step_is_lost_or_repeated(mes
     # Its samples were recomputed by the others from the same weights: the same result.
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
     assert abs(pooled.result.final_loss - single.final_loss) < 0.01
+
+
+def test_worker_that_falls_asleep_is_dropped_by_heartbeat_and_replaced(mesh, notes, stories_gguf, backbone,
+                                                                       hearth_home, tmp_path):
+    """SIGSTOP: the socket stays open, only the heartbeats stop (1 s here, so 3 s of silence)."""
+    from training.pooled import JobDevice, train_pooled
+
+    coordinator, workers = mesh
+    home = tmp_path / "loft"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "config.toml").write_text("[mesh]\nheartbeat_s = 1.0\n", "utf-8")
+    sleeper = WorkerProcess("loft", home)
+    try:
+        coordinator.pair(sleeper)
+        spec = _spec(notes, stories_gguf, "pooled-asleep")
+        single = _single(spec, backbone)
+
+        def on_event(event) -> None:
+            if event.phase == "train" and event.step == 6:
+                sleeper.popen.send_signal(signal.SIGSTOP)
+
+        devices = coordinator.devices(workers) + [JobDevice("loft", coordinator.connect(sleeper, heartbeat_s=1.0))]
+        pooled = train_pooled(spec, devices, backbone=backbone, on_event=on_event, save=False)
+    finally:
+        if sleeper.popen.poll() is None:
+            sleeper.popen.send_signal(signal.SIGCONT)
+        sleeper.stop()
+    assert pooled.lost == ["loft"]
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
 
 
 def test_coordinator_restart_resumes_from_its_checkpoint(mesh, notes, stories_gguf, backbone, hearth_home):

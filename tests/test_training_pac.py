@@ -186,3 +186,18 @@ def test_quantised_backbone_trains_a_side_chain(mode, hearth_home):
     result = train(_pac_spec(f"q-{mode}", HOUSEHOLD / "train.jsonl", quant=mode, epochs=2), backbone=quant, save=False)
     assert result.losses[-1] < result.losses[0]
     assert quantize_backbone(full.model, "none") == 0
+
+
+def test_batched_greedy_answers_match_one_at_a_time(tiny_backbone):
+    from training.evaluate import read_fact_questions
+    from training.parallel_adapters import SideChain, SideChainConfig
+    from training.torch_engine import PersonalLM
+
+    questions = [q for q, _ in read_fact_questions(HOUSEHOLD / "eval.jsonl")][:6]
+    chain = SideChain(SideChainConfig.for_backbone(tiny_backbone.model))
+    torch.manual_seed(0)
+    for up in chain.ups:
+        torch.nn.init.normal_(up.weight, std=0.05)
+    for side in (None, chain):
+        lm = PersonalLM(tiny_backbone.model, tiny_backbone.tokenizer, side)
+        assert lm.answers(questions, 8, batch_size=4) == [lm.answer(q, 8) for q in questions]

@@ -126,7 +126,6 @@ class LlamaCppEngine:
             stop=list(settings.stop) or None,
             seed=settings.seed,
         )
-        finished = False
         try:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
@@ -134,15 +133,8 @@ class LlamaCppEngine:
                 piece = chunk["choices"][0].get("text")
                 if piece:
                     yield piece
-            else:
-                finished = True
         finally:
             chunks.close()
-            if not finished:
-                # A reply stopped half-way leaves llama-cpp-python's record of the evaluated
-                # tokens out of step with the KV cache; forget it so the next prompt is
-                # evaluated afresh (measured: without this the next greedy answer changes).
-                self._llama.reset()
 
     def close(self) -> None:
         llama = getattr(self, "_llama", None)
@@ -168,34 +160,52 @@ def reply_budget(max_tokens: int, context_length: int) -> int:
 def fit_messages(render, count, messages: list[ChatMessage], budget: int) -> list[int]:
     """Tokens of the newest part of `messages` that `render` (messages -> tokens) fits in `budget`.
 
-    `count` (text -> token count) sizes the cut when a single message is longer than the window.
+    Keeps the system prompt and the longest run of newest turns that fits (found by bisection:
+    a few renders, however long the chat); a kept run never opens with a reply whose question
+    is gone. `count` (text -> token count) sizes the cut when the last message alone is too long.
     Shared by the engines so that every one of them forgets the same way.
     """
-    kept = list(messages)
+    system = [m for m in messages[:1] if m.role == "system"]
+    turns = messages[len(system):]
+    if not turns:
+        return render(system)[-budget:] if budget > 0 else []
+
+    def start_at(k: int) -> int:
+        while k < len(turns) - 1 and turns[k].role == "assistant":
+            k += 1
+        return k
+
+    def fits(k: int) -> list[int] | None:
+        tokens = render(system + turns[start_at(k):])
+        return tokens if len(tokens) <= budget else None
+
+    tokens = fits(0)
+    if tokens is not None:
+        return tokens
+    lo, hi = 0, len(turns) - 1          # fits(lo) fails; does fits(hi) (the last message only)?
+    best = fits(hi)
+    if best is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            found = fits(mid)
+            if found is not None:
+                hi, best = mid, found
+            else:
+                lo = mid
+        return best
+    # The system prompt and the last message alone are too long: the system prompt goes, then
+    # the start of the last message (its end is what the user just said).
+    last = turns[-1]
+    text = last.content
     while True:
-        tokens = render(kept)
+        tokens = render([ChatMessage(last.role, text)])
         if len(tokens) <= budget:
             return tokens
-        droppable = [i for i, m in enumerate(kept[:-1]) if m.role != "system"]
-        if droppable:
-            del kept[droppable[0]]
-            # Do not open a conversation with a reply whose question is gone.
-            while len(kept) > 1 and kept[0].role == "assistant" or (
-                len(kept) > 2 and kept[0].role == "system" and kept[1].role == "assistant"
-            ):
-                del kept[0 if kept[0].role == "assistant" else 1]
-            continue
-        if len(kept) > 1:
-            kept = kept[-1:]   # the system prompt alone is too long to keep
-            continue
-        last = kept[-1]
         over = len(tokens) - budget
-        words = last.content
-        # Cut from the start of the message (its end is what the user just said).
-        cut = max(1, int(len(words) * over / max(1, count(words))) + 1)
-        if cut >= len(words):
+        cut = int(len(text) * over / max(1, count(text))) + 1
+        if cut >= len(text):
             return tokens[-budget:] if budget > 0 else []
-        kept = [ChatMessage(last.role, words[cut:])]
+        text = text[cut:]
 
 
 def open_engine(model: str, context_length: int = 2048, threads: int = 0) -> ChatEngine:

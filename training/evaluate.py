@@ -42,10 +42,12 @@ def read_fact_questions(path: Path) -> list[tuple[str, str]]:
 
 
 def fact_recall(lm: PersonalLM, questions: list[tuple[str, str]], max_tokens: int = 28) -> Score:
-    hits = sum(1 for q, fact in questions if fact.lower() in lm.answer(q, max_tokens).lower())
+    replies = lm.answers([q for q, _ in questions], max_tokens)
+    hits = sum(1 for (_, fact), reply in zip(questions, replies) if fact.lower() in reply.lower())
     return Score(hits, len(questions))
 
 
 def intent_accuracy(lm: PersonalLM, rows: list[tuple[str, str]], max_tokens: int = 12) -> Score:
-    hits = sum(1 for text, intent in rows if lm.answer(text, max_tokens).strip().lower() == intent.lower())
+    replies = lm.answers([text for text, _ in rows], max_tokens)
+    hits = sum(1 for (_, intent), reply in zip(rows, replies) if reply.strip().lower() == intent.lower())
     return Score(hits, len(rows))

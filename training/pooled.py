@@ -14,9 +14,12 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
    gradients are averaged weighted by target tokens (the loss is a mean over tokens, so this is
    exactly the full batch's gradient) and applied once (`job.apply_gradients`).
 
-Hybrid parallelism as implemented: every device that takes part is a data-parallel replica. The
-planner's pipeline units (devices too small for the backbone) are shown in the plan but not run:
-their devices are left out with a message (see docs/pooled.md).
+Hybrid parallelism: devices that hold the backbone are data-parallel replicas. Devices that
+cannot form the planner's pipelines: in epoch 1 the coordinator passes each pipeline's samples
+stage to stage (`pac.stage`: token ids into the first stage, activations and the taps so far
+onwards, relayed through the coordinator), and the last stage caches them; from then on that
+device trains from its cache like any replica. A pipeline that loses a stage hands its samples
+to the replicas.
 
 Faults: a device whose request fails (killed, unplugged, asleep: the transport closes a
 connection after three silent heartbeats) is marked gone; its samples go to the others (their
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -265,7 +269,8 @@ class _PooledJob:
         self.owners: dict[int, str] = {}
         self.lost: list[str] = []
         self.rejoined: list[str] = []
-        self.bytes = 0
+        self.bytes = 0                              # tensor payload bytes to and from other devices
+        self._bytes_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.members)), thread_name_prefix="pooled")
         self._sha256: str | None = None
         self.plan: Plan | None = None
@@ -282,7 +287,8 @@ class _PooledJob:
                 raise
             raise _Lost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
         if not member.local:
-            self.bytes += _tensor_bytes(tensors) + _tensor_bytes(reply.tensors)
+            with self._bytes_lock:
+                self.bytes += _tensor_bytes(tensors) + _tensor_bytes(reply.tensors)
         return reply
 
     def _gone(self, member: _Member, reason: str) -> None:
@@ -456,7 +462,7 @@ class _PooledJob:
                 peer = None
             if peer is None:
                 continue
-            member.peer, member.state, member.sent = peer, "training", set()
+            member.peer, member.state, member.sent, member.cached = peer, "training", set(), set()
             try:
                 self._open(member)
                 self._send_samples(member, member.first_owned)

@@ -78,6 +78,47 @@ class PersonalLM:
         ids = list(self.generate(self.prompt_ids([ChatMessage("user", question)]), settings))
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @torch.no_grad()
+    def answers(self, questions: list[str], max_tokens: int = 48, batch_size: int = 16) -> list[str]:
+        """Greedy replies to many questions, a batch at a time (left padding; RoPE attention
+        depends on relative positions only, so the padding shifts nothing but rounding)."""
+        replies: list[str] = []
+        for start in range(0, len(questions), batch_size):
+            replies.extend(self._greedy_batch(questions[start : start + batch_size], max_tokens))
+        return replies
+
+    def _greedy_batch(self, questions: list[str], max_tokens: int) -> list[str]:
+        prompts = [self.prompt_ids([ChatMessage("user", q)]) for q in questions]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        logits, past = self._batch_logits(ids, mask, None)
+        for _ in range(max_tokens):
+            tokens = torch.argmax(logits, dim=-1)
+            for row, token in enumerate(tokens.tolist()):
+                if not done[row]:
+                    if token in self.stop_ids:
+                        done[row] = True
+                    else:
+                        out[row].append(token)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+            logits, past = self._batch_logits(tokens[:, None], mask, past)
+        return [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+    def _batch_logits(self, ids: torch.Tensor, mask: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+        if self.chain is not None:
+            from training.parallel_adapters import backbone_taps, head_logits
+
+            taps, past = backbone_taps(self.model, self.chain.config, ids, mask, past_key_values=past, use_cache=True)
+            return head_logits(self.model, self.chain, taps[:, -1]), past
+        result = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        return result.logits[:, -1].float(), result.past_key_values
+
 
 def sample(logits: torch.Tensor, recent: list[int], settings: SamplingSettings, generator: torch.Generator) -> int:
     logits = logits.clone()

@@ -79,7 +79,7 @@ class ModelsScreen(Screen):
                 f"{m.size_mb:.0f} MB" if m.size_mb else "?",
                 f"{m.pruning:.0%}" if m.pruning else "-",
                 m.trained or "-",
-                ("ready" if m.has_gguf else "no GGUF") if m.available else "not downloaded",
+                ("ready" if m.has_gguf else "ready (torch)") if m.available else "not downloaded",
                 key=m.name,
             )
         if rows:
@@ -98,7 +98,7 @@ class ModelsScreen(Screen):
         if m.active:
             text += " Chat uses this model."
         if m.kind == "personal" and not m.has_gguf:
-            text += " Export it (e) to chat with it through llama.cpp."
+            text += " Chat runs it through torch; export it (e) for llama.cpp, faster, if it can be merged."
         self.query_one("#model-details", Static).update(text)
 
     def _selected(self) -> ModelInfo | None:

@@ -79,6 +79,7 @@ class DevicesService:
         self._listeners: list[Callable[[PairingRequest], None]] = []
         self._changes: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._stopped = False
         self.error = ""
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -97,17 +98,26 @@ class DevicesService:
 
                 mesh = MeshService(serve=True, on_pairing_request=self._incoming,
                                    on_device_change=self._changed)
-            self._mesh = mesh.start()
+            mesh.start()
         except Exception as exc:  # noqa: BLE001 - no network is a state, not a crash
             self.error = f"the mesh did not start: {exc}"
+            return
+        with self._lock:
+            if self._stopped:  # the app quit while the mesh was starting
+                mesh.stop()
+                return
+            self._mesh = mesh
 
     def _hook(self, mesh: Any) -> None:
         mesh.on_pairing_request = self._incoming
         mesh.on_device_change = self._changed
 
     def stop(self) -> None:
-        if self._mesh is not None:
-            self._mesh.stop()
+        with self._lock:
+            self._stopped = True
+            mesh = self._mesh
+        if mesh is not None:
+            mesh.stop()
 
     @property
     def started(self) -> bool:
