@@ -237,7 +237,7 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> No
         # Default frame limit: the group sends pieces of a few MiB, whatever the tensor's size.
         agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False),
                       ids[rank], trust)
-        group = MeshGroup(rank, {}, agent.handlers)
+        group = MeshGroup(rank, {}, agent.handlers, piece_bytes=int(os.environ.get("BENCH_PIECE", 2 << 20)))  # DEBUG
         agent.start()
         peers = {}
         for r in range(world):

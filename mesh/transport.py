@@ -15,8 +15,12 @@ Every connection starts with a 6-byte prelude in the clear, `HRTH` + version + m
   prelude; it is public anyway.
 
 A Connection runs one reader thread (responses go to waiting callers by id, requests go to the
-handler registry) and one heartbeat thread; a peer that sends nothing for `3 * heartbeat_s` is
-dropped. This module knows nothing about pairing or discovery.
+handler registry) and one heartbeat thread; a peer that sends nothing for `3 * heartbeat_s`, or
+stops reading what we send for as long, is dropped. The TLS socket of a started Connection is
+blocking: one thread reads while another writes, and a socket timeout would make OpenSSL
+report "want read/write" through state the two threads share (a writer could then wait for
+the wrong event); the heartbeat thread watches for silence instead. This module knows nothing
+about pairing or discovery.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MODE_PAIR = b"P"
 MAX_CERT = 8192
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_HEARTBEAT = 5.0
+SEND_SLICE = 1 << 20  # bytes per sendall: the stall watchdog sees progress at least this often
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,8 @@ class Connection:
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._last_sent = time.monotonic()
+        self._last_received = time.monotonic()
+        self._send_stalled_since: float | None = None  # a send in progress: when it last moved
         self._threads: list[threading.Thread] = []
         # Message type -> PayloadBuffer. A bulk receiver (collective.py) registers one so that
         # its payloads land in buffers it reuses: no fresh allocation (and page faults) per
@@ -267,8 +274,10 @@ class Connection:
         self.payload_buffers: dict[str, PayloadBuffer] = {}
 
     def start(self) -> "Connection":
-        # Silence for three heartbeats means the peer is gone.
-        self.sock.settimeout(self.heartbeat_s * 3)
+        # Blocking (see the module docstring); silence for three heartbeats means the peer is
+        # gone, which the heartbeat thread enforces.
+        self.sock.settimeout(None)
+        self._last_received = time.monotonic()
         for target, name in ((self._read_loop, "reader"), (self._heartbeat_loop, "heartbeat")):
             thread = threading.Thread(target=target, name=f"mesh-{name}-{self.peer.address}", daemon=True)
             thread.start()
@@ -287,11 +296,15 @@ class Connection:
                 self._raise_closed()
             try:
                 for part in parts:
-                    if len(part):
-                        self.sock.sendall(part)
+                    view = memoryview(part).cast("B")
+                    for start in range(0, len(view), SEND_SLICE):
+                        self._send_stalled_since = time.monotonic()  # progress, for the watchdog
+                        self.sock.sendall(view[start : start + SEND_SLICE])
                 self._last_sent = time.monotonic()
             except OSError as exc:
                 failure = exc
+            finally:
+                self._send_stalled_since = None
         if failure is not None:
             # The reader usually knows why (a TLS alert refusing our certificate arrives after
             # our side of the handshake is done): give it a moment to say so.
@@ -349,6 +362,7 @@ class Connection:
             if count == 0:
                 raise ConnectionClosed("peer closed the connection")
             got += count
+            self._last_received = time.monotonic()
 
     def read_frame(self) -> Frame:
         header_len, payload_len = decode_prefix(bytes(self._recv_exact(PREFIX.size)), self.max_frame)
@@ -403,11 +417,22 @@ class Connection:
 
     def _heartbeat_loop(self) -> None:
         while not self.closed.wait(self.heartbeat_s / 2):
-            if time.monotonic() - self._last_sent >= self.heartbeat_s:
+            now = time.monotonic()
+            if now - self._last_received > 3 * self.heartbeat_s:
+                self.close("peer stopped answering (no heartbeat)")
+                return
+            stalled = self._send_stalled_since
+            if stalled is not None and now - stalled > 3 * self.heartbeat_s:
+                self.close("peer stopped reading (send stalled, no heartbeat)")
+                return
+            # A send in progress is as good as a heartbeat; never queue behind it here.
+            if now - self._last_sent >= self.heartbeat_s and self._send_lock.acquire(blocking=False):
                 try:
                     self.send(Frame("hb", "hb"))
                 except Exception:
                     return
+                finally:
+                    self._send_lock.release()
 
     def close(self, reason: str = "closed") -> None:
         with self._close_lock:

@@ -315,7 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(ApiError(500, str(exc), kind="server_error"))
             return
         completion_tokens = self._count(text)
-        prompt_tokens = sum(self._count(m.content) for m in request.messages)
+        render = getattr(self.server_ref.engine, "prompt_tokens", None)
+        prompt_tokens = len(render(request.messages)) if render else sum(self._count(m.content) for m in request.messages)
         finish = "length" if completion_tokens >= request.settings.max_tokens else "stop"
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

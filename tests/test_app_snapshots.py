@@ -39,8 +39,13 @@ def _app(hearth_home):
 
 
 async def _settled(pilot) -> None:
+    from textual.widgets import Input
+
     await pilot.pause()
     await pilot.app.workers.wait_for_complete()
+    # A blinking cursor is drawn or not depending on when the picture is taken: keep it still.
+    for field in pilot.app.screen.query(Input):
+        field.cursor_blink = False
     await pilot.pause()
 
 

@@ -27,6 +27,15 @@ from training.fedsim import (
 from training.fedspine import KeepMask
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The small model's ops gain nothing from a second thread; on a busy machine it only spins.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _clinc(shared_dir: Path) -> Path:
     return shared_dir / "data" / "clinc150" / "clinc150_train_val.json"
 
@@ -72,6 +81,7 @@ def test_split_is_non_iid_and_covers_every_device(shared_dir):
     assert len(data.intents) == 150 and data.eval.ids.shape[0] == 200
 
 
+@pytest.mark.slow
 def test_masked_units_get_no_gradient_and_training_lowers_the_loss(shared_dir):
     torch.manual_seed(0)
     config = _tiny(local_steps=8, batch_size=16)
@@ -108,7 +118,6 @@ def test_unknown_scale_and_method_are_clear_errors(shared_dir):
 
 @pytest.mark.slow
 def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
-    torch.set_num_threads(1)
     from training.bench_federated import add_arguments, report_dict
 
     report = simulate(_tiny(), _clinc(shared_dir))

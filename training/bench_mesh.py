@@ -35,8 +35,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default=None,
                         help="training data (default: the first --samples Dolly open-QA pairs from the shared fixtures)")
     parser.add_argument("--samples", type=int, default=64, help="samples of the default data (default 64)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    # One step per epoch by default: with a smaller batch, each step's random batch splits
+    # unevenly between the devices' own samples, and the larger part sets the step's time.
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rate", default="100mbit", help="tbf rate of the link (default 100mbit)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the throughputs into this PNG")
 

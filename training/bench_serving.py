@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
 
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    # Other programs competing for the cores distort every figure here: record how busy it was.
+    load_before = os.getloadavg()[0]
     bandwidth = measure_bandwidth()
     ref = resolve(args.model)
     base, tokenizer = load_torch(ref)
@@ -191,6 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         "quant": args.quant,
         "threads": threads,
         "tokens": args.tokens,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu_count": os.cpu_count(),
         "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "llama_cpp": [_rounded(asdict(r)) for r in results],
         "transformers": _rounded(asdict(baseline)),

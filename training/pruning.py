@@ -384,7 +384,7 @@ def write_hf_folder(model: Any, tokenizer: Any, folder: Path, dtype: str = "floa
     """Plain safetensors + config.json + tokenizer files: `from_pretrained` needs no custom code.
 
     float16 by default: the source is a 4-bit GGUF, so half precision loses nothing that matters
-    and an f16 GGUF export then holds exactly these weights.
+    and an f16 GGUF export then holds exactly these weights. `model` is converted in place.
     """
     model = model.to(getattr(torch, dtype))
     # A model loaded from a GGUF file holds plain dequantised weights; transformers still marks it

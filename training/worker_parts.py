@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -284,24 +285,25 @@ class WorkerJob:
     def profile(self, tokens: int, trained: int | None = None, samples: int = 2, repeats: int = 3) -> PartProfile:
         """Time a forward on random token ids of a typical (padded) sample's length, and an
         adapter step on `trained` positions per sample (the ones that carry a label); the
-        fastest of `repeats`: the device's speed, not a moment's contention."""
+        median of `repeats`, so a moment's contention neither inflates nor hides the speed."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (samples, max(2, tokens)), generator=generator)
-        forward_s = adapter_s = float("inf")
+        forwards, adapters = [], []
         for _ in range(repeats):
             with _FORWARD_LOCK:
                 started = time.perf_counter()
                 taps, _ = backbone_taps(self.backbone.model, self.config, ids)
-                forward_s = min(forward_s, (time.perf_counter() - started) / samples)
+                forwards.append((time.perf_counter() - started) / samples)
             positions = samples * max(1, min(trained or tokens, tokens))
             flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])[:positions]
             started = time.perf_counter()
             pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1)[:positions])
-            adapter_s = min(adapter_s, (time.perf_counter() - started) / samples)
-        return PartProfile(forward_s, adapter_s, available_memory(), torch.get_num_threads())
+            adapters.append((time.perf_counter() - started) / samples)
+        return PartProfile(statistics.median(forwards), statistics.median(adapters), available_memory(),
+                           torch.get_num_threads())
 
 
 def available_memory() -> int:

@@ -163,8 +163,8 @@ class TrainScreen(Screen):
         self.running = True
         self._cancel = threading.Event()
         self._set_running(True)
-        bars = self.query_one("#device-bars", Vertical)
-        bars.remove_children()
+        for bar in self.query("#device-bars ProgressBar").results(ProgressBar):
+            bar.update(progress=0)  # kept (not removed and remounted), so updates never miss them
         self.query_one("#loss", Sparkline).data = []
         self.query_one("#train-metrics", Static).update("Loading the base model…")
         self._run(plan, self._cancel, bool(resume))
@@ -208,6 +208,11 @@ class TrainScreen(Screen):
         status: TrainStatus = message.status
         self.last_status = status
         bars = self.query_one("#device-bars", Vertical)
+        for bar in bars.query(ProgressBar).results(ProgressBar):
+            index = int(str(bar.id).removeprefix("bar-"))
+            shown = index < len(status.devices)
+            bar.display = shown
+            bars.query_one(f"#bar-{index}-label", Label).display = shown
         for index, device in enumerate(status.devices):
             bar_id = f"bar-{index}"
             found = bars.query(f"#{bar_id}")
