@@ -1,14 +1,23 @@
 """`hearth bench transport`: the mesh's transport against its plaintext baselines, on loopback.
 
 1. Moving one tensor (default 40 MB) over our mutual-TLS transport (a request to a paired agent)
-   vs the same bytes over a plain TCP socket.
+   vs the same bytes over a plain TCP socket and over a bare TLS socket with our contexts. Every
+   receiver reads into a fresh buffer per transfer (the mesh's receiver must: the tensor it hands
+   over lives there). Seconds from the first byte sent to the receiver's answer; medians.
 2. Averaging a 10M-parameter float32 vector across 2 and 3 processes with MeshGroup.average
-   (mutual TLS, collective.py) vs torch.distributed gloo all_reduce (plaintext, unauthenticated)
-   on the same machine. Throughput = parameter bytes / seconds per averaging;
-   `allreduce_vs_gloo` = ours / gloo (target: at least 0.7 while encrypted).
+   (mutual TLS 1.3, collective.py) vs torch.distributed gloo all_reduce + divide (plaintext,
+   unauthenticated: gloo's TLS transport is not built into this torch) on the same machine, in
+   the same run, timed the same way (`_timed_rounds`): in place on a preallocated tensor, every
+   rank released by one barrier, 5 averagings back to back per timed round, median over
+   `--repeats` rounds, a round ending when the slowest rank is done; one untimed warm-up round
+   each. Both sides run torch with 1 intra-op thread per process; besides, gloo runs its own
+   I/O thread and ours a reader thread per connection and a sender thread per peer.
+   Throughput = parameter bytes / seconds per averaging; `allreduce_vs_gloo` = ours / gloo
+   (the lower of the process counts; target: at least 0.7 while encrypted). `cpu_s` is the CPU
+   time of one averaging summed over the ranks: on a loaded machine it says more than wall time.
 
 Every rank is a fresh process; the mesh ranks are paired by writing each other's certificates to
-their trust stores (the pairing ceremony is not what is measured). Times are medians.
+their trust stores (the pairing ceremony is not what is measured).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    result: dict = {"cores": os.cpu_count(), "tensor_mb": args.tensor_mb, "params": args.params,
-                    "repeats": args.repeats}
+    result: dict = {"cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
+                    "tensor_mb": args.tensor_mb, "params": args.params, "repeats": args.repeats,
+                    "averagings_per_round": INNER}
     result["tensor_transfer"] = _tensor_transfer(int(args.tensor_mb * 1e6) // 4, args.repeats)
     averaging = {}
     for world in (int(w) for w in str(args.world).split(",") if w.strip()):
@@ -47,6 +57,8 @@ def run(args: argparse.Namespace) -> dict:
             "mesh_s": ours["seconds"], "gloo_s": gloo["seconds"],
             "mesh_mb_s": round(bytes_ / ours["seconds"] / 1e6, 1), "gloo_mb_s": round(bytes_ / gloo["seconds"] / 1e6, 1),
             "allreduce_vs_gloo": round(gloo["seconds"] / ours["seconds"], 3),
+            "mesh_cpu_s": ours["cpu_s"], "gloo_cpu_s": gloo["cpu_s"],
+            "cpu_gloo_vs_mesh": round(gloo["cpu_s"] / ours["cpu_s"], 3),
             "mesh_correct": ours["correct"], "gloo_correct": gloo["correct"],
         }
     result["averaging"] = averaging
@@ -104,14 +116,14 @@ def _socket_transfer(payload: bytes, repeats: int, contexts=None) -> list[float]
         conn, _ = server.accept()
         if contexts:
             conn = contexts[0].wrap_socket(conn, server_side=True)
-        buf = bytearray(size)
-        view = memoryview(buf)
         with conn:
             for _ in range(repeats + 1):
+                # A fresh buffer each time, as the mesh's receiver allocates one per frame (the
+                # tensor it hands over lives in it).
+                view = memoryview(bytearray(size))
                 got = 0
                 while got < size:
                     got += conn.recv_into(view[got:], size - got)
-                bytes(buf)  # the receiver gets a bytes object, as the TLS path does
                 conn.sendall(b"k")
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -212,7 +224,6 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> No
         import torch
 
         torch.set_num_threads(1)
-        import faulthandler; faulthandler.dump_traceback_later(45)  # DEBUG
         from mesh.agent import Agent, AgentConfig
         from mesh.client import PeerClient
         from mesh.collective import MeshGroup
@@ -237,7 +248,7 @@ def _mesh_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> No
         # Default frame limit: the group sends pieces of a few MiB, whatever the tensor's size.
         agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False),
                       ids[rank], trust)
-        group = MeshGroup(rank, {}, agent.handlers, piece_bytes=int(os.environ.get("BENCH_PIECE", 2 << 20)))  # DEBUG
+        group = MeshGroup(rank, {}, agent.handlers)
         agent.start()
         peers = {}
         for r in range(world):

@@ -79,8 +79,11 @@ class MeshGroup:
         f = request.fields
         if not request.tensors or set(request.tensors) != {"x"} or f["phase"] not in (REDUCE, GATHER):
             raise MeshError("coll.part: bad part")
-        if f["src"] == self.rank:
-            raise MeshError("coll.part: a part from this rank itself")
+        # The sender's rank must be the one its TLS identity holds in this group (checked again
+        # when the part is taken: a fast peer's parts may arrive before `peers` is filled in).
+        sender = self._rank_of(request.peer.device_id)
+        if f["src"] == self.rank or (sender is not None and sender != f["src"]):
+            raise MeshError("coll.part: the sender is not that rank of this group")
         conn = request.connection
         if conn is not None and PART_TYPE not in conn.payload_buffers:
             conn.payload_buffers[PART_TYPE] = self._payload_buffer  # later pieces land in reused buffers
@@ -112,8 +115,6 @@ class MeshGroup:
             if not self._cond.wait_for(lambda: key in self._inbox, self.timeout):
                 raise MeshError(f"rank {src} sent no part {piece} (phase {phase}) for round {round_} in {self.timeout:g} s")
             device_id, part = self._inbox.pop(key)
-        # The sender's rank must be the one its TLS identity holds in this group (checked here,
-        # not on arrival: a fast peer's parts may arrive before `peers` is filled in).
         if self.peers[src].peer.device_id != device_id:
             raise MeshError(f"a part claiming to come from rank {src} came from another device")
         return part

@@ -408,3 +408,60 @@ def test_mesh_group_average_is_the_mean_on_every_rank(make_device):
         for peer in group.peers.values():
             peer.close()
         group.close()
+
+
+def _mesh_groups(make_device, count: int, **kw):
+    from mesh.collective import MeshGroup
+
+    devices = [make_device(f"rank{r}") for r in range(count)]
+    for d in devices:
+        for other in devices:
+            if other is not d:
+                d.trust.add(other.identity.cert_der, other.name, "laptop", [LOOP], other.agent.port)
+    groups = [MeshGroup(r, {}, d.agent.handlers, **kw) for r, d in enumerate(devices)]
+    for r, (d, group) in enumerate(zip(devices, groups)):
+        group.peers = {o: d.connect(devices[o]) for o in range(count) if o != r}
+    return groups
+
+
+def test_mesh_group_average_in_pieces_and_in_place_round_after_round(make_device):
+    # 4 KiB pieces: each rank's chunk travels as many pieces, averaged and passed on one by one,
+    # and from the second round on lands in receive buffers the group reuses.
+    groups = _mesh_groups(make_device, 2, piece_bytes=4096)
+    values = [torch.randn(20_011) for _ in range(2)]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def run(rank: int) -> None:
+        for round_ in range(4):
+            y = values[rank] * (round_ + 1)
+            out = groups[rank].average(y, out=y)  # in place
+            assert out is y
+            results[rank].append(y.clone())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for round_ in range(4):
+        expected = (values[0] + values[1]) * (round_ + 1) / 2
+        assert torch.allclose(results[0][round_], expected, atol=1e-5)
+        assert torch.equal(results[0][round_], results[1][round_])
+    assert groups[0]._buffers  # the pieces were received into reused buffers
+    for group in groups:
+        for peer in group.peers.values():
+            peer.close()
+        group.close()
+
+
+def test_mesh_group_refuses_a_part_sent_in_another_ranks_name(make_device):
+    groups = _mesh_groups(make_device, 3, timeout=10)
+    # Rank 1 claims to be rank 2: its TLS identity says otherwise.
+    with pytest.raises(RemoteError, match="not that rank"):
+        groups[1].peers[0].request("coll.part", {"round": 1, "phase": 1, "src": 2, "piece": 0},
+                                   tensors={"x": torch.zeros(3)})
+    assert not groups[0]._inbox
+    for group in groups:
+        for peer in group.peers.values():
+            peer.close()
+        group.close()

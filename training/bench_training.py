@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.epochs < 3:
         raise HearthError("--epochs: the benchmark runs at least 3 epochs")
     data_dir = Path(args.data_dir)
-    wanted = [m for m in METHODS if m.key in args.methods.split(",")]
+    by_key = {m.key: m for m in METHODS}
+    wanted = [by_key[k] for k in args.methods.split(",") if k in by_key]  # in the order asked
     if not wanted:
         raise HearthError(f"--methods: none of {args.methods} (choose from {', '.join(m.key for m in METHODS)})")
     started = time.perf_counter()

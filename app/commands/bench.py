@@ -14,7 +14,7 @@ import json
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "training": ("training.bench_training", "PAC (cache, no cache, NF4) vs PEFT LoRA vs full fine-tuning: time, memory, accuracy"),
     "federated": ("training.bench_federated", "FedSpine vs HetLoRA / uniform pruning / random on a simulated fleet"),
-    "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%/50% vs transformers, against the bandwidth bound"),
+    "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%%/50%% vs transformers, against the bandwidth bound"),
     "pruning": ("training.bench_pruning", "perplexity before pruning, after pruning 30% and after LoRA recovery"),
     "transport": ("mesh.bench_transport", "mesh transport: mutual TLS vs plain TCP, mesh averaging vs gloo all_reduce"),
     "startup": ("app.bench_startup", "time to the app's first frame under a pty, vs a bare Textual app and `hearth --help`"),
