@@ -14,7 +14,7 @@ import json
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "training": ("training.bench_training", "PAC (cache, no cache, NF4) vs PEFT LoRA vs full fine-tuning: time, memory, accuracy"),
     "federated": ("training.bench_federated", "FedSpine vs HetLoRA / uniform pruning / random on a simulated fleet"),
-    "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%%/50%% vs transformers, against the bandwidth bound"),
+    "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%/50% vs transformers, against the bandwidth bound"),
     "pruning": ("training.bench_pruning", "perplexity before pruning, after pruning 30% and after LoRA recovery"),
     "transport": ("mesh.bench_transport", "mesh transport: mutual TLS vs plain TCP, mesh averaging vs gloo all_reduce"),
     "startup": ("app.bench_startup", "time to the app's first frame under a pty, vs a bare Textual app and `hearth --help`"),
@@ -26,7 +26,8 @@ def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, side by side with their baselines")
     names = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
     for name, (module_name, about) in BENCHMARKS.items():
-        b = names.add_parser(name, help=about, description=about)
+        # argparse formats help with %: escape it.
+        b = names.add_parser(name, help=about.replace("%", "%%"), description=about.replace("%", "%%"))
         b.add_argument("--json", action="store_true", help="print the result as JSON")
         b.add_argument("--output", help="also write the JSON result to this file")
         b.set_defaults(_bench_module=module_name)
