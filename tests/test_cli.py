@@ -79,3 +79,20 @@ def test_models_list_json_shape(hearth_home: Path):
     assert text.returncode == 0
     assert DEFAULT_MODEL in text.stdout and "(default)" in text.stdout and "family" in text.stdout
     assert "pruned 25%" in text.stdout
+
+
+def test_every_command_and_benchmark_has_working_help():
+    """argparse renders each sub-command's help (a stray % in a description breaks it)."""
+    from app.cli import build_parser
+    from app.commands.bench import BENCHMARKS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        assert command.format_help(), name
+    bench = sub.choices["bench"]
+    names = next(a for a in bench._actions if a.dest == "bench_name")
+    assert set(names.choices) == set(BENCHMARKS)
+    for name, parser_ in names.choices.items():
+        assert parser_.format_help(), name
+    assert "30%" in bench.format_help()
