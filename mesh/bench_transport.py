@@ -36,7 +36,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-mb", type=float, default=40.0, help="size of the moved tensor (default 40)")
     parser.add_argument("--params", type=int, default=10_000_000, help="float32 parameters averaged (default 10M)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (default 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per side (default 7)")
     parser.add_argument("--world", default="2,3", help="process counts for averaging (default 2,3)")
 
 
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> dict:
     result["tensor_transfer"] = _tensor_transfer(int(args.tensor_mb * 1e6) // 4, args.repeats)
     averaging = {}
     for world in (int(w) for w in str(args.world).split(",") if w.strip()):
-        ours = _spawn(world, _mesh_rank, args.params, args.repeats)
-        gloo = _spawn(world, _gloo_rank, args.params, args.repeats)
+        both = _spawn(world, args.params, args.repeats)
+        ours, gloo = both["mesh"], both["gloo"]
         bytes_ = args.params * 4
         averaging[str(world)] = {
             "mesh_s": ours["seconds"], "gloo_s": gloo["seconds"],
@@ -158,15 +158,17 @@ def _paired_pair(root: Path):
 # --- 2. averaging -------------------------------------------------------------------------------
 
 INNER = 5  # averagings per timed round
+SIDES = ("mesh", "gloo")
 
 
-def _spawn(world: int, target, params: int, repeats: int) -> dict:
+def _spawn(world: int, params: int, repeats: int) -> dict:
+    """{"mesh": ..., "gloo": ...}: seconds and CPU seconds per averaging, medians over the rounds."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         ports = [_free_port() for _ in range(world + 1)]
         results = ctx.Queue()
         barrier = ctx.Barrier(world)  # starts every timed round together, on both sides
-        procs = [ctx.Process(target=target, args=(rank, world, params, repeats, tmp, ports, results, barrier))
+        procs = [ctx.Process(target=_rank, args=(rank, world, params, repeats, tmp, ports, results, barrier))
                  for rank in range(world)]
         for p in procs:
             p.start()
@@ -176,33 +178,39 @@ def _spawn(world: int, target, params: int, repeats: int) -> dict:
     errors = [o for o in outs if "error" in o]
     if errors:
         raise RuntimeError(errors[0]["error"])
-    # One averaging is done when the slowest rank is done; CPU time is summed over the ranks.
-    per_round = [max(o["times"][i] for o in outs) for i in range(repeats)]
-    cpu = [sum(o["cpu"][i] for o in outs) for i in range(repeats)]
-    return {"seconds": round(statistics.median(per_round), 4), "cpu_s": round(statistics.median(cpu), 4),
-            "correct": all(o["correct"] for o in outs)}
+    summary = {}
+    for side in SIDES:
+        # One averaging is done when the slowest rank is done; CPU time is summed over the ranks.
+        per_round = [max(o[side]["times"][i] for o in outs) for i in range(repeats)]
+        cpu = [sum(o[side]["cpu"][i] for o in outs) for i in range(repeats)]
+        summary[side] = {"seconds": round(statistics.median(per_round), 4), "cpu_s": round(statistics.median(cpu), 4),
+                         "correct": all(o[side]["correct"] for o in outs)}
+    return summary
 
 
-def _timed_rounds(average, x, repeats: int, barrier, inner: int = INNER) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds per `average(y)` (in place), for each of `repeats` timed rounds.
+def _timed_rounds(averages: dict, x, repeats: int, barrier, inner: int = INNER) -> dict:
+    """{side: {"times", "cpu"}}: wall and CPU seconds per in-place averaging, per timed round.
 
-    The same for both sides: y is refilled from x (not timed), every rank waits at one barrier,
-    then averages `inner` times back to back; a round's time / `inner` is one averaging, which
-    spreads the ranks' uneven wake-up from the barrier over several averagings. The first round
-    warms up (connections, buffers) and is not counted.
+    Both sides run in the same processes and take turns round by round (which one goes first
+    alternates), so load from elsewhere on the machine falls on both alike. A turn: y is refilled
+    from x (not timed), every rank waits at one barrier, then averages `inner` times back to back;
+    the turn's time / `inner` is one averaging, which spreads the ranks' uneven wake-up from the
+    barrier over several averagings. The first round warms up (buffers) and is not counted.
     """
     y = x.clone()
-    times, cpu = [], []
+    out = {side: {"times": [], "cpu": []} for side in averages}
+    order = list(averages)
     for i in range(repeats + 1):
-        y.copy_(x)
-        barrier.wait()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        for _ in range(inner):
-            average(y)
-        if i:
-            times.append((time.perf_counter() - start) / inner)
-            cpu.append((time.process_time() - start_cpu) / inner)
-    return times, cpu
+        for side in (order if i % 2 else order[::-1]):
+            y.copy_(x)
+            barrier.wait()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                averages[side](y)
+            if i:
+                out[side]["times"].append((time.perf_counter() - start) / inner)
+                out[side]["cpu"].append((time.process_time() - start_cpu) / inner)
+    return out
 
 
 def _free_port() -> int:
@@ -217,65 +225,8 @@ def _rank_tensor(rank: int, params: int):
     return torch.arange(params, dtype=torch.float32) * 1e-6 + rank
 
 
-def _mesh_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> None:
-    import traceback
-
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        from mesh.agent import Agent, AgentConfig
-        from mesh.client import PeerClient
-        from mesh.collective import MeshGroup
-        from mesh.identity import load_or_create_identity
-        from mesh.trust import TrustStore
-
-        root = Path(tmp)
-        os.environ["HEARTH_HOME"] = str(root / f"home{rank}")
-        # Rank 0 makes every identity first; the others wait for the files.
-        marker = root / "ids-ready"
-        if rank == 0:
-            for r in range(world):
-                load_or_create_identity(root / f"id{r}")
-            marker.write_text("ok")
-        while not marker.exists():
-            time.sleep(0.05)
-        ids = [load_or_create_identity(root / f"id{r}") for r in range(world)]
-        trust = TrustStore(root / f"trust{rank}")
-        for r in range(world):
-            if r != rank:
-                trust.add(ids[r].cert_der, f"rank{r}", "desktop", ["127.0.0.1"], ports[r])
-        # Default frame limit: the group sends pieces of a few MiB, whatever the tensor's size.
-        agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False),
-                      ids[rank], trust)
-        group = MeshGroup(rank, {}, agent.handlers)
-        agent.start()
-        peers = {}
-        for r in range(world):
-            if r == rank:
-                continue
-            for _ in range(200):
-                try:
-                    peers[r] = PeerClient.connect(ids[r].device_id, [("127.0.0.1", ports[r])], ids[rank], trust)
-                    break
-                except Exception:
-                    time.sleep(0.05)
-        group.peers = peers
-        x = _rank_tensor(rank, params)
-        mean = group.average(x)  # warm up (connections, receive buffers), and check
-        correct = bool(torch.allclose(mean, torch.arange(params, dtype=torch.float32) * 1e-6 + (world - 1) / 2))
-        times, cpu = _timed_rounds(lambda y: group.average(y, out=y), x, repeats, barrier)
-        group.average(x)  # a last round so no rank leaves while another still waits
-        results.put({"rank": rank, "times": times, "cpu": cpu, "correct": correct})
-        time.sleep(1.0)
-        for peer in peers.values():
-            peer.close()
-        agent.stop()
-    except Exception:
-        results.put({"rank": rank, "error": traceback.format_exc()})
-
-
-def _gloo_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> None:
+def _rank(rank, world, params, repeats, tmp, ports, results, barrier) -> None:
+    """One rank of both sides: a mesh agent in a MeshGroup, and a gloo process group."""
     import traceback
 
     try:
@@ -283,20 +234,74 @@ def _gloo_rank(rank, world, params, repeats, tmp, ports, results, barrier) -> No
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        group, close_mesh = _mesh_member(rank, world, Path(tmp), ports)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[world]}", rank=rank, world_size=world)
         x = _rank_tensor(rank, params)
+        expected = torch.arange(params, dtype=torch.float32) * 1e-6 + (world - 1) / 2
+        correct = {"mesh": bool(torch.allclose(group.average(x), expected))}  # also warms up
         y = x.clone()
         dist.all_reduce(y)
         y /= world
-        correct = bool(torch.allclose(y, torch.arange(params, dtype=torch.float32) * 1e-6 + (world - 1) / 2))
+        correct["gloo"] = bool(torch.allclose(y, expected))
 
-        def average(y):
+        def gloo_average(y):
             dist.all_reduce(y)
             y /= world
 
-        times, cpu = _timed_rounds(average, x, repeats, barrier)
+        timed = _timed_rounds({"mesh": lambda y: group.average(y, out=y), "gloo": gloo_average}, x, repeats, barrier)
+        group.average(x)  # a last round so no rank leaves while another still waits
         dist.barrier()
         dist.destroy_process_group()
-        results.put({"rank": rank, "times": times, "cpu": cpu, "correct": correct})
+        results.put({"rank": rank, **{side: {**timed[side], "correct": correct[side]} for side in SIDES}})
+        time.sleep(1.0)
+        close_mesh()
     except Exception:
         results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def _mesh_member(rank: int, world: int, root: Path, ports: list[int]):
+    """This rank's agent, connections and MeshGroup (paired with every other rank); (group, close)."""
+    from mesh.agent import Agent, AgentConfig
+    from mesh.client import PeerClient
+    from mesh.collective import MeshGroup
+    from mesh.identity import load_or_create_identity
+    from mesh.trust import TrustStore
+
+    os.environ["HEARTH_HOME"] = str(root / f"home{rank}")
+    # Rank 0 makes every identity first; the others wait for the files.
+    marker = root / "ids-ready"
+    if rank == 0:
+        for r in range(world):
+            load_or_create_identity(root / f"id{r}")
+        marker.write_text("ok")
+    while not marker.exists():
+        time.sleep(0.05)
+    ids = [load_or_create_identity(root / f"id{r}") for r in range(world)]
+    trust = TrustStore(root / f"trust{rank}")
+    for r in range(world):
+        if r != rank:
+            trust.add(ids[r].cert_der, f"rank{r}", "desktop", ["127.0.0.1"], ports[r])
+    # Default frame limit: the group sends pieces of a few MiB, whatever the tensor's size.
+    agent = Agent(AgentConfig(name=f"rank{rank}", port=ports[rank], interfaces=["127.0.0.1"], advertise=False),
+                  ids[rank], trust)
+    group = MeshGroup(rank, {}, agent.handlers)
+    agent.start()
+    peers = {}
+    for r in range(world):
+        if r == rank:
+            continue
+        for _ in range(200):
+            try:
+                peers[r] = PeerClient.connect(ids[r].device_id, [("127.0.0.1", ports[r])], ids[rank], trust)
+                break
+            except Exception:
+                time.sleep(0.05)
+    group.peers = peers
+
+    def close() -> None:
+        for peer in peers.values():
+            peer.close()
+        group.close()
+        agent.stop()
+
+    return group, close
