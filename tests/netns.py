@@ -5,7 +5,7 @@
         b = lab.add_host("b", rate="100mbit")     # tbf shaping of what b sends; b.shape(None) lifts it
         worker = a.hearth("worker", "--name", "a", "--port", "7000")   # a HostProcess, own HEARTH_HOME
         worker.wait_for(r"Device id: (\\S+)")
-        result = b.call(some_function, arg)       # runs in a forked child inside b's namespace
+        result = b.call(some_function, arg)       # runs in a spawned child inside b's namespace
         with lab.capture(a) as cap: ...           # raw-socket packet capture of a's link
         cap.data                                  # every captured frame, concatenated bytes
 
@@ -175,8 +175,11 @@ class Host:
         return self.popen([str(VENV_BIN / "hearth"), *args], **extra_env)
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> "HostCall":
-        """Run `fn(*args)` in a forked child inside this namespace (HEARTH_HOME = this host's)."""
-        ctx = multiprocessing.get_context("fork")
+        """Run `fn(*args)` in a fresh child process inside this namespace (HEARTH_HOME = this host's).
+
+        The child is spawned, not forked: a fork of a test process whose torch already ran a
+        parallel region inherits a dead OpenMP thread pool and hangs in its first matmul."""
+        ctx = multiprocessing.get_context("spawn")
         results = ctx.Queue()
         process = ctx.Process(target=_child, args=(self.ns, str(self.home), fn, args, results), daemon=True)
         process.start()

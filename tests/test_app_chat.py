@@ -94,11 +94,20 @@ async def test_escape_stops_an_answer_mid_stream_and_keeps_what_came(hearth_home
 
 @run_async
 async def test_stream_stays_in_the_conversation_it_started_in(hearth_home):
-    write_config(hearth_home, chat={"max_tokens": 30, "threads": 2})
+    # A long answer, and the new chat is opened once it is surely streaming: a short one can end
+    # before the key press on a fast machine, and then there is nothing left to test.
+    write_config(hearth_home, chat={"max_tokens": 400, "threads": 2, "temperature": 0.7})
     app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
+    progress = []
+
+    def hook(message):
+        if isinstance(message, ReplyProgress):
+            progress.append(message)
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await settle(pilot, app)
-        await _ask(pilot, app, "Tell me about the moon.")
+        await _ask(pilot, app, "Write a very long story about the moon and the sea.")
+        await wait_until(pilot, lambda: progress, 90, "the first streamed words")
         first = app.screen.conversation_id
         await pilot.press("ctrl+n")          # a new chat while the answer streams
         assert app.screen._stream_conversation == first

@@ -88,7 +88,8 @@ async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stori
 
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await settle(pilot, app)
-        await _fill_form(pilot, app, "tiny-resume", epochs=3)
+        # Many epochs so that the cancel surely lands mid-job even on a fast machine.
+        await _fill_form(pilot, app, "tiny-resume", epochs=40)
         await pilot.press("ctrl+g")
         # Past the end of epoch 1 (5 steps), where a checkpoint is written.
         await wait_until(pilot, lambda: steps and steps[-1] >= 6, 240, "epoch 2")

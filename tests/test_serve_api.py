@@ -105,9 +105,17 @@ def test_malformed_requests_get_4xx_with_a_reason_and_the_server_keeps_serving(s
     assert _raw(server, "POST", "/v1/nowhere", b"{}")[0] == 404
     assert _raw(server, "DELETE", "/v1/models")[0] == 405
     assert _raw(server, "GET", "/v1/chat/completions")[0] == 405
-    too_big = b"x" * (MAX_BODY_BYTES + 1)
-    got, payload = _raw(server, "POST", "/v1/chat/completions", too_big)
-    assert got == 413 and "limit" in payload["error"]["message"]
+    # An oversized body is refused from its Content-Length alone, before any of it is read; the
+    # client declares it and waits (a client that kept sending would meet a closed socket).
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    assert response.status == 413 and "limit" in payload["error"]["message"]
     # Still serving: a good request after all the bad ones.
     got, payload = _raw(server, "POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}).encode())

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and her cat."}]
 
@@ -54,6 +53,8 @@ class DecodeResult:
 
 def measure_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
     """Bytes per second of a large array copy (read + write), the best of `repeats`."""
+    import numpy as np
+
     src = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
     dst = np.empty_like(src)
     best = float("inf")
