@@ -70,9 +70,26 @@ async def test_a_short_training_job_reports_progress_on_the_train_screen(hearth_
 
 
 @run_async
-async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stories_gguf):
+async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stories_gguf, monkeypatch):
+    import time
+
+    import training.trainer
     from core.paths import hearth_paths
     from textual.widgets import Select
+
+    # Epochs 2.. of PAC on the tiny model train from the cache in milliseconds, so the whole job
+    # can end before a key press lands. Each step is held back 50 ms (the training itself is
+    # untouched) so that Ctrl-X surely arrives mid-job on any machine.
+    real_train = training.trainer.train
+
+    def train_slowly(spec, resume=False, on_event=None, **kwargs):
+        def slow(event):
+            time.sleep(0.05)
+            if on_event is not None:
+                on_event(event)
+        return real_train(spec, resume=resume, on_event=slow, **kwargs)
+
+    monkeypatch.setattr(training.trainer, "train", train_slowly)
 
     write_config(hearth_home, chat=stories_chat(stories_gguf))
     tiny_llama_dir()
@@ -88,8 +105,7 @@ async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stori
 
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await settle(pilot, app)
-        # Many epochs so that the cancel surely lands mid-job even on a fast machine.
-        await _fill_form(pilot, app, "tiny-resume", epochs=40)
+        await _fill_form(pilot, app, "tiny-resume", epochs=10)
         await pilot.press("ctrl+g")
         # Past the end of epoch 1 (5 steps), where a checkpoint is written.
         await wait_until(pilot, lambda: steps and steps[-1] >= 6, 240, "epoch 2")

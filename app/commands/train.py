@@ -1,5 +1,8 @@
 """`hearth train`: personalise a model on your own data (PAC side chain or PEFT LoRA).
 
+With --federated --devices, the family's devices train on their own data instead (FedSpine; see
+train_federated.py and docs/federated.md): no data leaves any device.
+
 A progress bar on a terminal; with --json, one JSON object per line (phase, step, total_steps,
 epoch, loss, samples_per_s, eta_s), the last one with phase "done". After a crash or a kill,
 the same command with --resume carries on from the last checkpoint.
@@ -14,13 +17,14 @@ import sys
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="personalise a model on your data (PAC or LoRA)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help="JSONL of chats (messages), prompt/response pairs or '### Human:' text; or a folder of .txt/.md notes")
     p.add_argument("--method", choices=["pac", "lora"], default="pac",
                    help="pac: parallel adapters with an activation cache (fast); lora: PEFT LoRA (mergeable)")
     p.add_argument("--model", default=None, help="base model (default: the catalog's default)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 25 for pac, 12 for lora)")
-    p.add_argument("--out", required=True, help="name of the personalised model (see `hearth models list`)")
+    p.add_argument("--out", "--name", dest="out", required=True,
+                   help="name of the personalised model (see `hearth models list`)")
     p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
                    help="load the frozen backbone quantised (bitsandbytes) to save memory")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-3 pac, 4e-4 lora)")
@@ -38,6 +42,17 @@ def register(sub) -> argparse.ArgumentParser:
                    help="with --devices: IPv4 address to find devices on (repeatable; default: all)")
     p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
                    help="with --devices: how long to look for the devices (default 5)")
+    fed = p.add_argument_group("federated training (--federated --devices ...; docs/federated.md)")
+    fed.add_argument("--federated", action="store_true",
+                     help="each device trains on its own data (`hearth worker --data`); only adapter updates travel")
+    fed.add_argument("--rounds", type=int, default=8, help="federated rounds (default 8)")
+    fed.add_argument("--sparsity", type=float, default=0.3,
+                     help="fraction of attention heads and MLP channels pruned from the family model (default 0.3)")
+    fed.add_argument("--local-steps", type=int, default=10, help="LoRA steps per device per round (default 10)")
+    fed.add_argument("--quorum", type=float, default=1.0,
+                     help="a round closes once this fraction of its devices answered (default 1: all)")
+    fed.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                     help="a round closes this long after it opens at the latest (default: none)")
     return p
 
 
@@ -48,6 +63,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not re.fullmatch(r"[\w.-]+", args.out) or args.out.startswith("."):
         raise HearthError(f"--out: '{args.out}' is not a valid model name (letters, digits, '.', '-', '_')")
+    if args.federated:
+        from app.commands.train_federated import run_federated
+
+        report = _JsonReport() if args.json else _BarReport()
+        try:
+            return run_federated(args, report)
+        finally:
+            report.close()
+    if not args.data:
+        raise HearthError("--data is required (except with --federated, where each device brings its own)")
     from training.catalog import DEFAULT_MODEL
     from training.job import DEFAULT_EPOCHS, JobSpec
     from training.trainer import train

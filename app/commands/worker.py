@@ -1,6 +1,7 @@
 """`hearth worker`: the headless device agent (advertise, answer pairing, serve paired devices).
 
-Pairing requests are shown with their code and answered y/N on the terminal (read from stdin,
+`--data PATH` (repeatable) registers data that stays on this device: federated jobs train on it
+in place and send back only adapter updates; pooled jobs never read it. Pairing requests are shown with their code and answered y/N on the terminal (read from stdin,
 also when it is not a terminal, so tests and scripts can answer). Ctrl-C or SIGTERM stops it
 and withdraws its mDNS record.
 """
@@ -21,6 +22,9 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--job-memory-mb", type=float, metavar="MIB",
                    help="memory pooled training may use here (default: what is free); below the "
                         "backbone's size this device becomes a pipeline stage")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="this device's own training data (JSONL chats or a folder of notes; repeatable): "
+                        "federated jobs train on it here, it is never sent to another device")
     return p
 
 
@@ -37,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from mesh.service import MeshService
 
     logging.basicConfig(level=logging.INFO, format="hearth worker: %(message)s", stream=sys.stderr)
+    local = None
+    if args.data:
+        from training.fed_parts import local_data
+
+        local = local_data(args.data)   # every line checked now: a bad one stops the worker here
     requests: queue.Queue[IncomingPairing] = queue.Queue()
     stop = threading.Event()
 
@@ -78,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     from mesh.job_parts import register_job_parts
 
     budget = int(args.job_memory_mb * (1 << 20)) if args.job_memory_mb else None
-    register_job_parts(service.agent, budget)   # pooled training parts (training loads on first use)
+    register_job_parts(service.agent, budget, local)   # pooled and federated training parts
     service.agent.responder.on_result = lambda incoming, outcome: say(f"Pairing with {incoming.peer_name}: {outcome}")
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=prompt_loop, daemon=True).start()
     say(f"Hearth worker {service.config.name} ({service.config.kind}) on port {service.agent.port}")
     say(f"Device id: {service.device_id}")
+    if local is not None:
+        say(f"Local data: {local.conversations} conversations in {len(local.paths)} source(s), for federated jobs only")
     say("Pairing: " + ("accepting requests" if service.config.accept_pairing else "refused (--no-pairing)"))
     try:
         while not stop.wait(0.5):

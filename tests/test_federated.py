@@ -1,0 +1,276 @@
+"""Federated training (FedSpine) with the real job parts, no sockets: devices are FedJobs driven
+directly (the same `handle` the mesh calls), on the tiny random Llama with SmolLM2's tokenizer.
+
+Each member's data is private and different (a grandmother's recipes, a teenager's plans, a
+father's car notes), with a held-out part to measure the family model on. The three-host version
+over real mesh connections, with a packet capture and a SIGKILL, is test_federated_netns.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.errors import HearthError
+from tests.training_helpers import tiny_llama_dir, write_jsonl
+
+MEMBERS = ("grandma", "teen", "dad")
+
+
+def member_rows(member: str, count: int, seed: int = 0, canary: str = "") -> list[dict]:
+    """Chats in one member's own style and topic; the first one carries `canary` if given."""
+    rng = random.Random(f"{member}-{seed}")
+    rows = []
+    for i in range(count):
+        if member == "grandma":
+            dish = rng.choice(["apple pie", "lemon cake", "plum tart", "bread", "cookies", "scones"])
+            q, a = f"How long do I bake the {dish}?", f"Bake the {dish} for {rng.randint(2, 9) * 5} minutes at {rng.choice([160, 180, 200])} degrees."
+        elif member == "teen":
+            friend = rng.choice(["Mia", "Leo", "Zoe", "Sam", "Ava", "Noah"])
+            q, a = f"When is {friend}'s party?", f"{friend}'s party is on {rng.choice(['Friday', 'Saturday', 'Sunday'])} at {rng.randint(5, 9)} pm, bring snacks!"
+        else:
+            part = rng.choice(["oil", "tyres", "brakes", "battery", "wipers", "filter"])
+            q, a = f"When did we last change the car's {part}?", f"The {part} was changed in {rng.choice(['March', 'June', 'October'])} at {rng.randint(20, 90)} thousand km."
+        if canary and i == 0:
+            a += f" {canary}"
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return rows
+
+
+def member_files(folder: Path, canaries: dict[str, str] | None = None, train: int = 16, held_out: int = 6) -> dict[str, tuple[Path, Path]]:
+    """(train file, held-out file) per member, disjoint (different seeds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for member in MEMBERS:
+        canary = (canaries or {}).get(member, "")
+        out[member] = (write_jsonl(folder / f"{member}-train.jsonl", member_rows(member, train, 0, canary)),
+                       write_jsonl(folder / f"{member}-heldout.jsonl", member_rows(member, held_out, 1)))
+    return out
+
+
+def mean_loss(model, tokenizer, path: Path) -> float:
+    """Mean next-token loss over the assistant tokens of every example in `path`."""
+    from training.data import collate, load_examples
+    from training.lora import lora_loss
+
+    examples = load_examples(path, tokenizer, 256)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        return sum(float(lora_loss(model, collate([e], pad))) for e in examples) / len(examples)
+
+
+@pytest.fixture(scope="module")
+def base():
+    from training.model_store import load_torch, resolve
+
+    torch.set_num_threads(1)
+    return load_torch(resolve(str(tiny_llama_dir())))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return member_files(tmp_path_factory.mktemp("members"))
+
+
+def _order(jobs, base_model, rank: int, keep_heads, keep_channels, round_index: int = 0, steps: int = 6):
+    from training.fed_parts import RoundOrder, module_shapes
+    from training.federated import initial_lora
+
+    lora = {n: (f.a, f.b) for n, f in initial_lora(module_shapes(base_model), rank, seed=3).items()}
+    return RoundOrder(round_index, 0.5, rank, steps, keep_heads, keep_channels, lora)
+
+
+def _open(jobs, spec, files) -> dict:
+    fields, _ = jobs.handle("coord", "fed.open", {"job": "j1", "spec": spec.to_json(),
+                                                  "files": [f.to_field() for f in files]}, None)
+    return fields
+
+
+def test_bad_local_data_is_refused_with_file_and_line(tmp_path):
+    from app.cli import main
+    from training.fed_parts import local_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(member_rows("dad", 1)[0]) + "\n{not json\n", "utf-8")
+    with pytest.raises(HearthError, match=r"bad\.jsonl:2: not valid JSON"):
+        local_data([bad])
+    assert main(["worker", "--data", str(bad), "--port", "0"]) == 2
+
+
+def test_device_receives_the_model_files_it_lacks_then_trains_a_pruned_round(base, data, tmp_path):
+    from training.fed_parts import FedJobs, FedSpec, RoundReport, local_data, model_files
+
+    model, _ = base
+    files = model_files(tiny_llama_dir())
+    received = tmp_path / "received"
+    jobs = FedJobs(local_data([data["teen"][0]]), received_file=lambda sha, name: received / sha / name)
+    spec = FedSpec(name="fam", model=str(tiny_llama_dir()), local_steps=6)
+    assert jobs.handle("coord", "fed.info", {}, None)[0] == {"examples": 16, "sources": 1}
+    # The device lacks the model: it names every file; once they are "received", it opens.
+    assert sorted(_open(jobs, spec, files)["need_files"]) == sorted(f.name for f in files)
+    for f in files:
+        (received / f.sha256).mkdir(parents=True)
+        (received / f.sha256 / f.name).write_bytes(f.path.read_bytes())
+    assert _open(jobs, spec, files) == {"opened": True, "examples": 16}
+
+    # Round: 1 of 2 query heads per KV group and 40 of 64 channels kept, rank 4.
+    layers, heads, channels = 4, 4, 64
+    keep_heads = torch.tensor([[True, False, False, True]] * layers)
+    keep_channels = torch.zeros(layers, channels, dtype=torch.bool)
+    keep_channels[:, :40] = True
+    order = _order(jobs, model, 4, keep_heads, keep_channels)
+    fields, tensors = order.to_request("j1")
+    report = RoundReport.from_reply(*jobs.handle("coord", "fed.round", fields, tensors))
+
+    assert report.round == 0 and report.samples == 16 and report.steps == 6
+    assert report.loss_after < report.loss_before
+    assert torch.equal(report.keep_heads, keep_heads) and torch.equal(report.keep_channels, keep_channels)
+    # The device trained a physically smaller model than the base.
+    assert 0 < report.parameters < sum(p.numel() for p in model.parameters())
+    # Factors come back in unpruned coordinates, at the round's rank, changed by training;
+    # rows and columns of pruned units are zero.
+    q_b = report.lora["0.q_proj"][1]
+    assert q_b.shape == (heads * 8, 4)
+    assert q_b[8:24].abs().sum() == 0 and q_b[:8].abs().sum() > 0
+    down_a = report.lora["2.down_proj"][0]
+    assert down_a.shape == (4, channels) and down_a[:, 40:].abs().sum() == 0
+    assert not torch.allclose(report.lora["1.o_proj"][0], order.lora["1.o_proj"][0])
+    # Importance: observed only for kept units, normalised per layer.
+    assert report.importance_heads[~keep_heads].abs().sum() == 0
+    assert (report.importance_heads[keep_heads] > 0).all()
+    assert torch.allclose(report.importance_channels.sum(dim=1), torch.ones(layers), atol=1e-4)
+
+
+def test_device_trains_at_most_the_rank_it_was_sent_and_refuses_an_unrealisable_mask(base, data):
+    from training.fed_parts import FedJobs, FedSpec, RoundReport, local_data, model_files
+
+    model, tokenizer = base
+    jobs = FedJobs(local_data([data["dad"][0]]), local_model=(model, tokenizer))
+    spec = FedSpec(name="fam", model=str(tiny_llama_dir()), local_steps=2)
+    assert _open(jobs, spec, model_files(tiny_llama_dir()))["opened"]   # the model loaded here already
+    keep_heads = torch.ones(4, 4, dtype=torch.bool)
+    keep_channels = torch.ones(4, 64, dtype=torch.bool)
+    order = _order(jobs, model, 8, keep_heads, keep_channels, steps=2)
+    order.rank = 3                  # the arm's rank is below the factors' rank: the first 3 slots
+    report = RoundReport.from_reply(*jobs.handle("coord", "fed.round", *order.to_request("j1")))
+    assert all(a.shape[0] == 3 and b.shape[1] == 3 for a, b in report.lora.values())
+
+    uneven = keep_heads.clone()
+    uneven[:, :2] = False          # both heads of KV group 0 gone, group 1 whole
+    order = _order(jobs, model, 4, uneven, keep_channels, steps=2)
+    with pytest.raises(ValueError, match="same number"):
+        jobs.handle("coord", "fed.round", *order.to_request("j1"))
+    with pytest.raises(ValueError, match="no open federated job"):
+        jobs.handle("someone-else", "fed.round", *order.to_request("j1"))
+
+
+def test_realisable_mask_keeps_as_many_heads_in_every_kv_group():
+    from training.federated import realisable_mask
+
+    heads = torch.tensor([[0.9, 0.8, 0.1, 0.05]] * 2)      # group 0 holds both important heads
+    channels = torch.arange(10.0).repeat(2, 1)
+    keep = realisable_mask((heads, channels), 0.5, kv_groups=2)
+    assert keep.heads.tolist() == [[True, False, True, False]] * 2
+    assert keep.channels.sum(dim=1).tolist() == [5, 5] and keep.channels[:, 5:].all()
+
+
+class FlakyPeer:
+    """A LocalPeer whose rounds fail in the rounds listed (a device that dropped out)."""
+
+    def __init__(self, peer, fail_rounds: set[int]):
+        self.peer, self.fail_rounds = peer, fail_rounds
+
+    def request(self, type, fields=None, tensors=None, data=None, timeout=30.0):
+        if type == "fed.round" and fields["round"] in self.fail_rounds:
+            raise ConnectionError("connection closed by peer")
+        return self.peer.request(type, fields, tensors, data, timeout)
+
+    def send_file(self, path, name=None):
+        return str(path)
+
+
+def _devices(base, data, flaky: dict[str, set[int]] | None = None):
+    from training.fed_parts import FedJobs, local_data
+    from training.federated import FedDevice, LocalPeer
+
+    devices = []
+    for member in MEMBERS:
+        peer = LocalPeer(FedJobs(local_data([data[member][0]]), local_model=base))
+        if flaky and member in flaky:
+            peer = FlakyPeer(peer, flaky[member])
+        devices.append(FedDevice(member, peer))
+    return devices
+
+
+@pytest.mark.slow
+def test_family_model_is_pruned_saved_and_better_than_the_base_on_every_members_data(base, data, hearth_home):
+    from training.fed_parts import FedSpec
+    from training.federated import train_federated
+    from training.model_store import load_torch, resolve
+
+    model, tokenizer = base
+    spec = FedSpec(name="family", model=str(tiny_llama_dir()), rounds=4, target_sparsity=0.3, local_steps=12)
+    events = []
+    result = train_federated(spec, _devices(base, data), base=base, on_event=events.append)
+
+    rounds = [e for e in events if e.phase == "train"]
+    assert [e.step for e in rounds] == [1, 2, 3, 4]
+    assert all(sorted(e.accepted) == sorted(MEMBERS) for e in rounds)
+    assert rounds[0].sparsity == 0.0 and rounds[-1].sparsity >= 0.3        # warmup, then the ramp
+    family, family_tokenizer = load_torch(resolve("family"))
+    assert family.config.num_attention_heads == 2 and family.config.intermediate_size < 64
+    assert result.parameters_after < result.parameters_before
+    manifest = json.loads((hearth_home / "data" / "models" / "family" / "hearth-model.json").read_text())
+    assert manifest["method"] == "federated" and manifest["format"] == "hf"
+    for member in MEMBERS:
+        held_out = data[member][1]
+        assert mean_loss(family, family_tokenizer, held_out) < mean_loss(model, tokenizer, held_out) - 0.5, member
+
+
+@pytest.mark.slow
+def test_device_that_drops_out_is_left_out_of_that_round_and_taken_back(base, data, hearth_home):
+    from training.fed_parts import FedSpec
+    from training.federated import train_federated
+
+    spec = FedSpec(name="family-drop", model=str(tiny_llama_dir()), rounds=3, local_steps=3)
+    devices = _devices(base, data, flaky={"teen": {1}})
+    healthy = {d.name: d.peer for d in devices}
+    events = []
+    result = train_federated(spec, devices, base=base, on_event=events.append, save=False,
+                             rejoin=lambda name: healthy[name].peer if name == "teen" else None)
+    rounds = [e for e in events if e.phase == "train"]
+    assert sorted(rounds[1].accepted) == ["dad", "grandma"] and "teen" in rounds[1].missing
+    assert sorted(rounds[2].accepted) == sorted(MEMBERS)                      # offered the next round again
+    assert result.lost == ["teen"] and result.rejoined == ["teen"]
+    assert any("teen left the job" in e.message for e in events)
+    assert all(math.isfinite(float(p.abs().sum())) for p in result.model.parameters())
+
+
+@pytest.mark.slow
+def test_coordinator_restart_resumes_after_the_last_completed_round(base, data, hearth_home):
+    from training.fed_parts import FedSpec
+    from training.federated import train_federated
+
+    spec = FedSpec(name="family-resume", model=str(tiny_llama_dir()), rounds=3, local_steps=3)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_2(event) -> None:
+        if event.phase == "train" and event.step == 2:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train_federated(spec, _devices(base, data), base=base, on_event=crash_after_round_2)
+    steps = []
+    result = train_federated(spec, _devices(base, data), base=base, resume=True, save=False,
+                             on_event=lambda e: steps.append(e.step) if e.phase == "train" else None)
+    assert result.resumed_from == 2 and steps == [3] and len(result.rounds) == 3
+    with pytest.raises(HearthError, match="other settings"):
+        other = FedSpec(name="family-resume", model=str(tiny_llama_dir()), rounds=5, local_steps=3)
+        train_federated(other, _devices(base, data), base=base, resume=True)
