@@ -152,6 +152,10 @@ class HearthApp(App):
                 request.accept()
                 self.notify(f"Accepted: {request.peer_name} is paired once it confirms too (F2 shows it).",
                             title="Pairing")
+            elif accepted is None:   # closed by itself: expired, or withdrawn by the other device
+                request.reject()
+                self.notify(f"The pairing request from {request.peer_name} expired or was withdrawn.",
+                            title="Pairing")
             else:
                 request.reject()
                 self.notify(f"Pairing with {request.peer_name} rejected.", title="Pairing")
@@ -159,7 +163,8 @@ class HearthApp(App):
         self.push_screen(PairingDialog(
             "A device asks to pair with this one",
             f"{request.peer_name} ({request.peer_kind}, {request.address})",
-            request.code, request.grant), decided)
+            request.code, request.grant, expires_at=request.expires_at,
+            settled=lambda: request.decided), decided)
 
     def on_unmount(self) -> None:
         self.services.close()

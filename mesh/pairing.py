@@ -247,6 +247,8 @@ class PairingResponder:
                 return bool(incoming.accepted)
             readable, _, _ = select.select([conn.sock], [], [], 0)
             if readable and not conn.sock.pending():
+                # Settle the request first, so that the prompt showing it closes too.
+                incoming._decide(False)
                 try:
                     if conn.sock.recv(1, ) == b"":
                         raise PairingError("the initiator hung up")

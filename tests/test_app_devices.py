@@ -152,3 +152,53 @@ async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_ho
                 asker.kill()
         assert result["paired"] is True and result["code"] == code, result
         assert app.services.devices.paired_count() == 1
+
+
+@run_async
+async def test_an_unanswered_pairing_request_closes_its_dialog_when_it_expires(hearth_home, stories_gguf, tmp_path):
+    # A short expiry (the default is 60 s) so that the test sees the real expiry happen.
+    write_config(hearth_home, chat=stories_chat(stories_gguf),
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"], "pairing_expiry_s": 3.0})
+    app = make_app(start_mesh=True)
+    said: list[str] = []      # notifications time out of the screen: keep what was said
+    notify = app.notify
+    app.notify = lambda message, **kwargs: (said.append(str(message)), notify(message, **kwargs))[1]
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        port = app.services.devices.port
+        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
+        asker = subprocess.Popen(
+            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
+            assert "expires in" in str(app.screen.query_one("#expiry").render())
+            await wait_until(pilot, lambda: not isinstance(app.screen, PairingDialog), 15, "the dialog to close")
+            await wait_until(pilot, lambda: asker.poll() is not None, 60, "the other side to give up")
+            result = json.loads(asker.stdout.read())
+        finally:
+            if asker.poll() is None:
+                asker.kill()
+        assert result["paired"] is False
+        assert any("expired" in text for text in said), said
+        assert app.services.devices.paired_count() == 0
+
+
+@run_async
+async def test_a_pairing_request_withdrawn_by_the_other_device_closes_its_dialog(hearth_home, stories_gguf, tmp_path):
+    write_config(hearth_home, chat=stories_chat(stories_gguf), mesh={"name": "living-room", "interfaces": ["127.0.0.1"]})
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        port = app.services.devices.port
+        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
+        asker = subprocess.Popen(
+            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        try:
+            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
+        finally:
+            asker.kill()                         # the other person gives up (60 s before the expiry)
+            asker.wait()
+        await wait_until(pilot, lambda: not isinstance(app.screen, PairingDialog), 15, "the dialog to close")
+        assert app.services.devices.paired_count() == 0

@@ -8,8 +8,9 @@ over real mesh connections, with a packet capture and a SIGKILL, is test_federat
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import math
 import random
 from pathlib import Path
 
@@ -50,6 +51,25 @@ def member_files(folder: Path, canaries: dict[str, str] | None = None, train: in
         canary = (canaries or {}).get(member, "")
         out[member] = (write_jsonl(folder / f"{member}-train.jsonl", member_rows(member, train, 0, canary)),
                        write_jsonl(folder / f"{member}-heldout.jsonl", member_rows(member, held_out, 1)))
+    return out
+
+
+def member_notes(folder: Path, canaries: dict[str, str] | None = None, train: int = 16,
+                 held_out: int = 6) -> dict[str, tuple[Path, Path]]:
+    """The same private sets as notes folders (one note per chat), for stories260K, which has no
+    chat template: (train folder, held-out folder) per member."""
+    out = {}
+    for member in MEMBERS:
+        canary = (canaries or {}).get(member, "")
+        pair = []
+        for split, seed, count in (("train", 0, train), ("heldout", 1, held_out)):
+            where = folder / f"{member}-{split}"
+            where.mkdir(parents=True, exist_ok=True)
+            for i, row in enumerate(member_rows(member, count, seed, canary if split == "train" else "")):
+                q, a = (m["content"] for m in row["messages"])
+                (where / f"note{i:02d}.txt").write_text(f"{q} {a}\n", "utf-8")
+            pair.append(where)
+        out[member] = (pair[0], pair[1])
     return out
 
 
@@ -207,29 +227,43 @@ def _devices(base, data, flaky: dict[str, set[int]] | None = None):
     return devices
 
 
+# The family model must beat the base model on every member's held-out notes by this much (nats
+# per token). stories260K starts at 3.5-4.8 on them; 4 rounds of 12 steps bring it to about 0.5-1.1
+# even with half its heads and 30% of its MLP channels cut. (The random tiny Llama cannot show
+# this: with its norm weights frozen at 1 and embeddings of std 0.02, no adapter moves a logit by
+# more than about 0.6.)
+FAMILY_MARGIN = 1.5
+
+
 @pytest.mark.slow
-def test_family_model_is_pruned_saved_and_better_than_the_base_on_every_members_data(base, data, hearth_home):
-    from training.fed_parts import FedSpec
-    from training.federated import train_federated
+def test_family_model_is_pruned_saved_and_better_than_the_base_on_every_members_data(stories_gguf, tmp_path,
+                                                                                      hearth_home):
+    from training.fed_parts import FedJobs, FedSpec, local_data
+    from training.federated import FedDevice, LocalPeer, train_federated
     from training.model_store import load_torch, resolve
 
-    model, tokenizer = base
-    spec = FedSpec(name="family", model=str(tiny_llama_dir()), rounds=4, target_sparsity=0.3, local_steps=12)
+    torch.set_num_threads(1)
+    model, tokenizer = stories = load_torch(resolve(str(stories_gguf)))
+    notes = member_notes(tmp_path / "notes")
+    devices = [FedDevice(m, LocalPeer(FedJobs(local_data([notes[m][0]]), local_model=stories))) for m in MEMBERS]
+    spec = FedSpec(name="family", model=str(stories_gguf), rounds=4, target_sparsity=0.3, local_steps=12, lr=1e-2)
     events = []
-    result = train_federated(spec, _devices(base, data), base=base, on_event=events.append)
+    result = train_federated(spec, devices, base=stories, on_event=events.append)
 
     rounds = [e for e in events if e.phase == "train"]
     assert [e.step for e in rounds] == [1, 2, 3, 4]
     assert all(sorted(e.accepted) == sorted(MEMBERS) for e in rounds)
     assert rounds[0].sparsity == 0.0 and rounds[-1].sparsity >= 0.3        # warmup, then the ramp
     family, family_tokenizer = load_torch(resolve("family"))
-    assert family.config.num_attention_heads == 2 and family.config.intermediate_size < 64
+    # Physically pruned: 4 of 8 query heads (one per KV group), 120 of 172 MLP channels.
+    assert family.config.num_attention_heads == 4 and family.config.intermediate_size == 120
     assert result.parameters_after < result.parameters_before
     manifest = json.loads((hearth_home / "data" / "models" / "family" / "hearth-model.json").read_text())
     assert manifest["method"] == "federated" and manifest["format"] == "hf"
     for member in MEMBERS:
-        held_out = data[member][1]
-        assert mean_loss(family, family_tokenizer, held_out) < mean_loss(model, tokenizer, held_out) - 0.5, member
+        held_out = notes[member][1]
+        before, after = mean_loss(model, tokenizer, held_out), mean_loss(family, family_tokenizer, held_out)
+        assert after < before - FAMILY_MARGIN, (member, before, after)
 
 
 @pytest.mark.slow
@@ -248,11 +282,12 @@ def test_device_that_drops_out_is_left_out_of_that_round_and_taken_back(base, da
     assert sorted(rounds[2].accepted) == sorted(MEMBERS)                      # offered the next round again
     assert result.lost == ["teen"] and result.rejoined == ["teen"]
     assert any("teen left the job" in e.message for e in events)
-    assert all(math.isfinite(float(p.abs().sum())) for p in result.model.parameters())
+    assert all(torch.isfinite(p.detach()).all() for p in result.model.parameters())
 
 
 @pytest.mark.slow
-def test_coordinator_restart_resumes_after_the_last_completed_round(base, data, hearth_home):
+def test_coordinator_restart_resumes_after_the_last_completed_round_and_the_result_exports(base, data, hearth_home):
+    from app.cli import main
     from training.fed_parts import FedSpec
     from training.federated import train_federated
 
@@ -267,10 +302,32 @@ def test_coordinator_restart_resumes_after_the_last_completed_round(base, data, 
 
     with pytest.raises(Crash):
         train_federated(spec, _devices(base, data), base=base, on_event=crash_after_round_2)
-    steps = []
-    result = train_federated(spec, _devices(base, data), base=base, resume=True, save=False,
-                             on_event=lambda e: steps.append(e.step) if e.phase == "train" else None)
-    assert result.resumed_from == 2 and steps == [3] and len(result.rounds) == 3
     with pytest.raises(HearthError, match="other settings"):
         other = FedSpec(name="family-resume", model=str(tiny_llama_dir()), rounds=5, local_steps=3)
         train_federated(other, _devices(base, data), base=base, resume=True)
+    steps = []
+    result = train_federated(spec, _devices(base, data), base=base, resume=True,
+                             on_event=lambda e: steps.append(e.step) if e.phase == "train" else None)
+    assert result.resumed_from == 2 and steps == [3] and len(result.rounds) == 3
+    assert not (hearth_home / "data" / "jobs" / "family-resume").exists()     # the checkpoint is gone
+    # The family model exports to GGUF like any pruned model, and llama.cpp loads it.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["export", "family-resume", "--gguf", "--quant", "f16"]) == 0
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=out.getvalue().strip().splitlines()[-1], n_ctx=64, verbose=False)
+    assert llm.n_vocab() == 49152
+
+
+def test_train_command_checks_its_federated_arguments(hearth_home, capsys):
+    from app.cli import main
+
+    assert main(["train", "--federated", "--name", "family"]) == 2
+    assert "--federated needs --devices" in capsys.readouterr().err
+    assert main(["train", "--federated", "--devices", "all", "--name", "smollm2-135m"]) == 2
+    assert "catalog model's name" in capsys.readouterr().err
+    assert main(["train", "--federated", "--devices", "all", "--name", "family", "--sparsity", "1.5"]) == 2
+    assert "--sparsity must be" in capsys.readouterr().err
+    assert main(["train", "--out", "family"]) == 2           # pooled / single-device training needs data
+    assert "--data is required" in capsys.readouterr().err

@@ -315,11 +315,9 @@ def family_model(model: Any, server: FedSpineServer, spec: FedSpec) -> tuple[Any
     target sparsity (physically: smaller matrices). Returns (model, pruning.PrunePlan)."""
     import copy
 
-    from training.pruning import CHANNEL_ALIGN, UnitScores, apply_pruning, plan_pruning
+    from training.pruning import CHANNEL_ALIGN, UnitScores, _layers, apply_pruning, plan_pruning
 
     family = copy.deepcopy(model)
-    from training.pruning import _layers
-
     layers = _layers(family)
     with torch.no_grad():
         for name, factors in server.lora.items():

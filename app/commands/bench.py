@@ -27,7 +27,7 @@ def register(sub) -> argparse.ArgumentParser:
     names = p.add_subparsers(dest="bench_name", metavar="NAME", required=True)
     for name, (module_name, about) in BENCHMARKS.items():
         # argparse formats help with %: escape it.
-        b = names.add_parser(name, help=about.replace("%", "%%"), description=about.replace("%", "%%"))
+        b = names.add_parser(name, help=about.replace("%", "%%"), description=about)
         b.add_argument("--json", action="store_true", help="print the result as JSON")
         b.add_argument("--output", help="also write the JSON result to this file")
         b.set_defaults(_bench_module=module_name)

@@ -120,17 +120,22 @@ class _BarReport:
         if event.phase in ("load", "cache"):
             print(event.message, file=sys.stderr, flush=True)
             return
+        if event.phase == "devices":      # pooled and federated: a device left, rejoined, ...
+            print(event.message, file=sys.stderr, flush=True)
+            return
         if event.phase != "train":
             return
+        # A federated round that no device finished has no loss.
+        loss = f"{event.loss:.3f}" if event.loss is not None else "?"
         if self.tty:
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step", file=sys.stderr)
             self.bar.update(1)
-            self.bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.3f}")
+            self.bar.set_postfix(epoch=event.epoch, loss=loss)
         elif event.epoch != self.last_epoch and event.step % max(1, event.total_steps // 20) == 0:
-            print(f"step {event.step}/{event.total_steps} epoch {event.epoch} loss {event.loss:.3f}",
+            print(f"step {event.step}/{event.total_steps} epoch {event.epoch} loss {loss}",
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -38,7 +38,13 @@ class PairingRequest:
     address: str
     code: str
     grant: str
+    expires_at: float = 0.0    # epoch seconds; the request is refused unanswered after that
     _incoming: Any = field(default=None, repr=False)   # mesh.pairing.IncomingPairing
+
+    @property
+    def decided(self) -> bool:
+        """Answered already: here, or by expiry, or withdrawn by the other device."""
+        return self._incoming.decided
 
     def accept(self) -> None:
         self._incoming.accept()
@@ -238,7 +244,7 @@ class DevicesService:
 
     def _incoming(self, incoming: Any) -> None:
         request = PairingRequest(incoming.peer_name, incoming.peer_kind, incoming.address, incoming.code,
-                                 incoming.grant, incoming)
+                                 incoming.grant, incoming.expires_at, incoming)
         if not self._listeners:
             incoming.reject()
         for listener in list(self._listeners):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -98,9 +101,13 @@ class PairingDialog(ModalScreen[bool]):
     """
     BINDINGS = [Binding("escape", "reject", "Reject")]
 
-    def __init__(self, title: str, who: str, code: str, grant: str, yes: str = "Codes match: pair") -> None:
+    def __init__(self, title: str, who: str, code: str, grant: str, yes: str = "Codes match: pair",
+                 expires_at: float | None = None, settled: Callable[[], bool] | None = None) -> None:
+        """`expires_at` (epoch seconds) and `settled()` (the request was decided elsewhere, e.g.
+        withdrawn by the other device) close the dialog with None: a stale code must not linger."""
         super().__init__()
         self._title, self._who, self._code, self._grant, self._yes = title, who, code, grant, yes
+        self._expires_at, self._settled = expires_at, settled
 
     def compose(self) -> ComposeResult:
         spaced = f"{self._code[:3]} {self._code[3:]}" if len(self._code) == 6 else self._code
@@ -111,9 +118,26 @@ class PairingDialog(ModalScreen[bool]):
             yield Static("Check that the other device shows the same six digits. If it does not, "
                          "reject: someone else may be trying to pair.")
             yield Static(f"What pairing grants: {self._grant} You can unpair at any time.", classes="grant")
+            if self._expires_at is not None:
+                yield Static(self._countdown(), id="expiry", classes="grant")
             with Horizontal():
                 yield Button("Reject (Esc)", id="reject", variant="error")
                 yield Button(self._yes, id="accept", variant="success")
+
+    def on_mount(self) -> None:
+        if self._expires_at is not None or self._settled is not None:
+            self.set_interval(0.5, self._check)
+
+    def _countdown(self) -> str:
+        left = max(0, round((self._expires_at or 0) - time.time()))
+        return f"This request expires in {left} s."
+
+    def _check(self) -> None:
+        expired = self._expires_at is not None and time.time() >= self._expires_at
+        if expired or (self._settled is not None and self._settled()):
+            self.dismiss(None)
+        elif self._expires_at is not None:
+            self.query_one("#expiry", Static).update(self._countdown())
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "accept")
