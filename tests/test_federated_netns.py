@@ -62,10 +62,11 @@ def _pair(lab, name: str) -> None:
 
 
 def _train(lab, name: str, *extra: str):
+    # --wait 15: it returns as soon as every named device is found; under load mDNS can be slow.
     coord = lab.state["hosts"]["coord"]
     devices = ",".join(f"host-{m}" for m in MEMBERS)
     return coord.hearth("train", "--federated", "--devices", devices, "--model", str(_stories()), "--name", name,
-                        *JOB, *extra, "--json", "--interface", coord.address, "--wait", "5", OMP_NUM_THREADS="1")
+                        *JOB, *extra, "--json", "--interface", coord.address, "--wait", "15", OMP_NUM_THREADS="1")
 
 
 def _events(process) -> list[dict]:

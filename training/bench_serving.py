@@ -6,7 +6,7 @@ In one run, on this machine:
   quantised the same way by llama.cpp: time to first token and decode tokens/s (greedy, a fixed
   number of tokens, end-of-sequence ignored);
 - transformers `generate` on the same unpruned model (float32, as training and the torch engine
-  hold it), the baseline llama.cpp is compared to;
+  hold it), the baseline llama.cpp is compared to; all four take turns run by run;
 - the memory-bandwidth bound: bandwidth / bytes of weights read per token (every matrix once;
   the tied embedding is read whole as the LM head).
 
@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -76,61 +77,61 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(tensors.values())
 
 
-def llama_cpp_decode(paths: dict[str, Path], prompt: str, tokens: int, runs: int, threads: int,
-                     ) -> dict[str, tuple[float, float]]:
-    """variant -> (time to first token, decode tokens/s): greedy runs of `tokens` tokens.
+def llama_cpp_decoder(llm: Any, prompt: str, tokens: int) -> Callable[[], tuple[float, float]]:
+    """One greedy run of `tokens` tokens on a loaded llama.cpp model: (time to first token, decode
+    tokens/s). End-of-sequence is ignored, so every run decodes the same number of tokens."""
 
-    The variants take turns run by run, so that whatever else the machine is doing slows them
-    alike; each reports its best run (the machine's capability, not its neighbours' load).
-    """
-    from llama_cpp import Llama
+    def once() -> tuple[float, float]:
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        llm.reset()
+        start = time.perf_counter()
+        first = last = start
+        count = 0
+        for _token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            count += 1
+            now = time.perf_counter()
+            if count == 1:
+                first = now
+            last = now
+            if count == tokens:
+                break
+        return first - start, (count - 1) / max(last - first, 1e-9)
 
-    llms = {v: Llama(str(p), n_ctx=512, n_threads=threads, n_batch=512, verbose=False) for v, p in paths.items()}
-    best = {v: (float("inf"), 0.0) for v in paths}
-    try:
-        for run_index in range(runs + 1):   # run 0 warms caches and is not counted
-            for variant, llm in llms.items():
-                ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-                llm.reset()
-                start = time.perf_counter()
-                first = last = start
-                count = 0
-                for _token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-                    count += 1
-                    now = time.perf_counter()
-                    if count == 1:
-                        first = now
-                    last = now
-                    if count == tokens:
-                        break
-                if run_index:
-                    ttft, speed = best[variant]
-                    best[variant] = (min(ttft, first - start), max(speed, (count - 1) / max(last - first, 1e-9)))
-        return best
-    finally:
-        for llm in llms.values():
-            llm.close()
+    return once
 
 
-def transformers_decode(model: Any, ids: list[int], tokens: int, runs: int) -> tuple[float, float]:
-    """(time to first token, decode tokens/s) of `generate`, greedy, EOS ignored; best of `runs`."""
+def transformers_decoder(model: Any, ids: list[int], tokens: int) -> Callable[[], tuple[float, float]]:
+    """One greedy `generate` of `tokens` tokens (EOS ignored): (time to first token, decode tokens/s),
+    the first token timed by a separate one-token `generate`."""
     import torch
 
     input_ids = torch.tensor([ids])
     kwargs = dict(do_sample=False, pad_token_id=model.config.eos_token_id)
-    best_ttft, best_speed = float("inf"), 0.0
-    with torch.no_grad():
-        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kwargs)   # warm-up
-        for _ in range(runs):
+
+    def once() -> tuple[float, float]:
+        with torch.no_grad():
             start = time.perf_counter()
             model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
             ttft = time.perf_counter() - start
             start = time.perf_counter()
             model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
             total = time.perf_counter() - start
-            best_ttft = min(best_ttft, ttft)
-            best_speed = max(best_speed, (tokens - 1) / max(total - ttft, 1e-9))
-    return best_ttft, best_speed
+        return ttft, (tokens - 1) / max(total - ttft, 1e-9)
+
+    return once
+
+
+def take_turns(runners: dict[str, Callable[[], tuple[float, float]]], runs: int) -> dict[str, tuple[float, float]]:
+    """name -> (best time to first token, best decode tokens/s) over `runs` rounds in which every
+    runner runs once, in turn: whatever else the machine does slows them alike, and the best run
+    is the machine's capability rather than its neighbours' load. Round 0 warms up, uncounted."""
+    best = {name: (float("inf"), 0.0) for name in runners}
+    for round_index in range(runs + 1):
+        for name, once in runners.items():
+            ttft, speed = once()
+            if round_index:
+                best[name] = (min(best[name][0], ttft), max(best[name][1], speed))
+    return best
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -169,7 +170,17 @@ def run(args: argparse.Namespace) -> dict:
                 f16.unlink()
             if model is not base:
                 del model
-        timings = llama_cpp_decode(paths, prompt, args.tokens, args.runs, threads)
+        from llama_cpp import Llama
+
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        llms = {v: Llama(str(p), n_ctx=512, n_threads=threads, n_batch=512, verbose=False) for v, p in paths.items()}
+        try:
+            runners = {v: llama_cpp_decoder(llm, prompt, args.tokens) for v, llm in llms.items()}
+            runners["transformers"] = transformers_decoder(base, ids, args.tokens)
+            timings = take_turns(runners, args.runs)
+        finally:
+            for llm in llms.values():
+                llm.close()
         for variant, path in paths.items():
             weight_bytes = gguf_weight_bytes(path)
             ttft, speed = timings[variant]
@@ -177,8 +188,7 @@ def run(args: argparse.Namespace) -> dict:
             results.append(DecodeResult(variant, f"llama.cpp {args.quant}", weight_bytes, ttft, speed, bound,
                                         speed / bound, *shapes[variant]))
 
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ttft, speed = transformers_decode(base, ids, max(16, args.tokens // 2), max(1, args.runs // 2))
+    ttft, speed = timings["transformers"]
     torch_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     torch_bound = bandwidth / torch_bytes
     baseline = DecodeResult("unpruned", "transformers float32", torch_bytes, ttft, speed, torch_bound,
