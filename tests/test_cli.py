@@ -96,3 +96,9 @@ def test_every_command_and_benchmark_has_working_help():
     for name, parser_ in names.choices.items():
         assert parser_.format_help(), name
     assert "30%" in bench.format_help()
+
+
+def test_resume_of_a_job_that_never_ran_is_refused_by_name(tmp_path: Path):
+    done = hearth("train", "--data", "notes.jsonl", "--out", "typo-name", "--resume", home=tmp_path)
+    assert done.returncode != 0
+    assert "no interrupted job named typo-name" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -63,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not re.fullmatch(r"[\w.-]+", args.out) or args.out.startswith("."):
         raise HearthError(f"--out: '{args.out}' is not a valid model name (letters, digits, '.', '-', '_')")
+    if args.resume:
+        from core.paths import hearth_paths
+
+        # A mistyped name must not quietly start a new job (a job dir without a checkpoint yet,
+        # from a crash in its first minute, does start over: nothing was lost).
+        if not (hearth_paths().jobs_dir / args.out).is_dir():
+            raise HearthError(f"--resume: no interrupted job named {args.out}; run without --resume to start it")
     if args.federated:
         from app.commands.train_federated import run_federated
 
