@@ -1,9 +1,11 @@
 """Training job parts on the device agent (`hearth worker`): pooled (PAC) and federated (FedSpine).
 
 `register_job_parts(agent)` adds the `pac.*` request types of training/worker_parts.py and the
-`fed.*` ones of training/fed_parts.py to the agent's handler registry. Data registered with
-`hearth worker --data` goes to the federated parts only: the pooled parts never see it. Only paired devices reach them (the registry checks the trust store
-before every request), and a job can only be used by the device that opened it. A base model the
+`fed.*` ones of training/fed_parts.py to the agent's handler registry; `hearth worker` and the
+app both call it. Data registered with `hearth worker --data` (or config mesh.private_data) goes
+to the federated parts only: the pooled parts never see it. Only paired devices reach them (the
+registry checks the trust store before every request), and a job can only be used by the device
+that opened it. A base model the
 worker lacks arrives first through the agent's own chunked, SHA-256-checked file transfer
 (files.py); `pac.open` then finds it where that receiver put it.
 
@@ -13,37 +15,46 @@ a device that is actually handed a job; this module itself imports neither.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from mesh.handlers import Request
 from mesh.transport import Reply
 
 
-def register_job_parts(agent: Any, memory_budget: int | None = None, local_data: Any = None) -> Any:
-    """Serve pooled- and federated-training parts on `agent`; returns the WorkerJobs that holds
-    the open pooled jobs. `memory_budget`: bytes jobs may use on this device (None: what is free);
-    `local_data`: a training.fed_parts.LocalData of this device's own data (federated jobs only)."""
-    from training.fed_parts import PART_FIELDS as FED_FIELDS
-    from training.fed_parts import FedJobs, LocalData
-    from training.worker_parts import PART_FIELDS, WorkerJobs
+def register_job_parts(agent: Any, memory_budget: int | None = None, local_data: Any = None) -> None:
+    """Serve pooled- and federated-training parts on `agent`. `memory_budget`: bytes jobs may use
+    on this device (None: what is free); `local_data`: a training.part_fields.LocalData of this
+    device's own data (federated jobs only). The parts themselves (and torch) are loaded when a
+    paired device first sends one of them, not here."""
+    from training.part_fields import FED_FIELDS, PAC_FIELDS, LocalData
 
     root = agent.files.root
-    jobs = WorkerJobs(received_model=lambda sha256, name: _received(root, sha256, name), memory_budget=memory_budget)
-    fed = FedJobs(local_data or LocalData(), received_file=lambda sha256, name: _received(root, sha256, name))
+    made: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def parts(kind: str) -> Any:
+        with lock:
+            if kind not in made:
+                if kind == "pac":
+                    from training.worker_parts import WorkerJobs
+
+                    made[kind] = WorkerJobs(received_model=lambda sha256, name: _received(root, sha256, name),
+                                            memory_budget=memory_budget)
+                else:
+                    from training.fed_parts import FedJobs
+
+                    made[kind] = FedJobs(local_data or LocalData(),
+                                         received_file=lambda sha256, name: _received(root, sha256, name))
+            return made[kind]
 
     def handler(request: Request) -> Reply:
+        jobs = parts(request.type.split(".", 1)[0])
         fields, tensors = jobs.handle(request.peer.device_id, request.type, request.fields, request.tensors)
         return Reply(fields, tensors)
 
-    def fed_handler(request: Request) -> Reply:
-        fields, tensors = fed.handle(request.peer.device_id, request.type, request.fields, request.tensors)
-        return Reply(fields, tensors)
-
-    for type, fields in PART_FIELDS.items():
+    for type, fields in {**PAC_FIELDS, **FED_FIELDS}.items():
         agent.register_handler(type, handler, fields)
-    for type, fields in FED_FIELDS.items():
-        agent.register_handler(type, fed_handler, fields)
-    return jobs
 
 
 def _received(root, sha256: str, name: str):

@@ -202,3 +202,40 @@ async def test_a_pairing_request_withdrawn_by_the_other_device_closes_its_dialog
             asker.wait()
         await wait_until(pilot, lambda: not isinstance(app.screen, PairingDialog), 15, "the dialog to close")
         assert app.services.devices.paired_count() == 0
+
+
+@run_async
+async def test_the_app_serves_job_parts_and_states_its_private_data(hearth_home, stories_gguf, tmp_path):
+    """The app is a device like `hearth worker`: paired devices can run pooled and federated parts
+    on it, and federated ones train on the private data named in its config, which it counts."""
+    from tests.training_helpers import HOUSEHOLD
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf),
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"],
+                       "private_data": [str(HOUSEHOLD / "train.jsonl")]})
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await wait_until(pilot, lambda: app.services.devices.port, 30, "the mesh")
+        served = app.services.devices._mesh.agent.handlers.types()
+        assert {"pac.open", "pac.step", "fed.info", "fed.round"} <= set(served)
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: "20 conversations" in str(app.screen.query_one("#private-data").render()),
+                         30, "the private data statement")
+        assert "train.jsonl" in str(app.screen.query_one("#private-data").render())
+
+
+@run_async
+async def test_bad_private_data_is_named_and_the_app_still_works(hearth_home, stories_gguf, tmp_path):
+    bad = tmp_path / "diary.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n', "utf-8")
+    write_config(hearth_home, chat=stories_chat(stories_gguf),
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"], "private_data": [str(bad)]})
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await wait_until(pilot, lambda: app.services.devices.port, 30, "the mesh")
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: "diary.jsonl:2" in str(app.screen.query_one("#devices-status").render()),
+                         30, "the error naming file and line")
+        assert "No private data" in str(app.screen.query_one("#private-data").render())

@@ -40,15 +40,13 @@ from typing import Any
 import torch
 
 from core.errors import HearthError
+from training.part_fields import FED_CLOSE as CLOSE
+from training.part_fields import FED_FIELDS as PART_FIELDS
+from training.part_fields import FED_INFO as INFO
+from training.part_fields import FED_OPEN as OPEN
+from training.part_fields import FED_ROUND as ROUND
+from training.part_fields import LocalData, local_data  # noqa: F401 (part of this module's interface)
 
-INFO, OPEN, ROUND, CLOSE = "fed.info", "fed.open", "fed.round", "fed.close"
-# Request types and the fields each must carry (checked by the mesh before a handler runs).
-PART_FIELDS: dict[str, dict[str, type]] = {
-    INFO: {},
-    OPEN: {"job": str, "spec": str, "files": list},
-    ROUND: {"job": str, "round": int, "rank": int, "steps": int},
-    CLOSE: {"job": str},
-}
 MAX_JOBS = 2                 # open jobs per device (a coordinator that crashed leaves one behind)
 # FedSpine's units are query heads and MLP channels; LoRA sits on the modules that own them.
 LORA_TARGETS = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,26 +105,6 @@ class ModelFile:
 
     def to_field(self) -> list[str]:
         return [self.name, self.sha256]
-
-
-@dataclass
-class LocalData:
-    """Data registered on this device only (`hearth worker --data`): paths and a count."""
-
-    paths: list[Path] = field(default_factory=list)
-    conversations: int = 0
-
-
-def local_data(paths: list[str | Path]) -> LocalData:
-    """Validate every file now (a bad line: one-line HearthError naming file and line)."""
-    from training.data import read_conversations
-
-    found = LocalData()
-    for path in paths:
-        path = Path(path).expanduser().resolve()
-        found.conversations += len(read_conversations(path))
-        found.paths.append(path)
-    return found
 
 
 def file_sha256(path: Path) -> str:

@@ -47,18 +47,15 @@ from core.errors import HearthError
 from training.data import Example
 from training.job import JobSpec, pac_gradients
 
-OPEN, PROFILE, SINK, SAMPLES, STEP, CLOSE = "pac.open", "pac.profile", "pac.sink", "pac.samples", "pac.step", "pac.close"
-STAGE = "pac.stage"
-# Request types and the fields each must carry (checked by the mesh before a handler runs).
-PART_FIELDS: dict[str, dict[str, type]] = {
-    OPEN: {"job": str, "spec": str, "model_sha256": str, "model_name": str},
-    PROFILE: {"job": str, "tokens": int},
-    SINK: {},
-    SAMPLES: {"job": str},
-    STEP: {"job": str, "step": int},
-    STAGE: {"job": str, "first": int, "last": int},
-    CLOSE: {"job": str},
-}
+from training.part_fields import PAC_CLOSE as CLOSE
+from training.part_fields import PAC_FIELDS as PART_FIELDS
+from training.part_fields import PAC_OPEN as OPEN
+from training.part_fields import PAC_PROFILE as PROFILE
+from training.part_fields import PAC_SAMPLES as SAMPLES
+from training.part_fields import PAC_SINK as SINK
+from training.part_fields import PAC_STAGE as STAGE
+from training.part_fields import PAC_STEP as STEP
+
 MAX_JOBS = 4                 # open jobs per device (a coordinator that crashed leaves one behind)
 # The tap hooks sit on the shared backbone module: two forwards at once would mix their taps.
 _FORWARD_LOCK = threading.Lock()

@@ -41,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from mesh.service import MeshService
 
     logging.basicConfig(level=logging.INFO, format="hearth worker: %(message)s", stream=sys.stderr)
-    local = None
-    if args.data:
-        from training.fed_parts import local_data
+    from core.config import load_config
+    from training.part_fields import local_data
 
-        local = local_data(args.data)   # every line checked now: a bad one stops the worker here
+    # Every line checked now: a bad one stops the worker here, before it advertises.
+    local = local_data([*load_config().get("mesh.private_data"), *(args.data or [])])
     requests: queue.Queue[IncomingPairing] = queue.Queue()
     stop = threading.Event()
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     threading.Thread(target=prompt_loop, daemon=True).start()
     say(f"Hearth worker {service.config.name} ({service.config.kind}) on port {service.agent.port}")
     say(f"Device id: {service.device_id}")
-    if local is not None:
+    if local.paths:
         say(f"Local data: {local.conversations} conversations in {len(local.paths)} source(s), for federated jobs only")
     say("Pairing: " + ("accepting requests" if service.config.accept_pairing else "refused (--no-pairing)"))
     try:

@@ -22,7 +22,8 @@ REFRESH_S = 3.0
 
 EXPLAIN = (
     "Paired devices can train together: when you start a job on several devices, the training data "
-    "is sent to them encrypted, and nowhere else. Unpaired devices only see this device's name."
+    "is sent to them encrypted, and nowhere else (a federated job sends none: each device trains on "
+    "its own). Unpaired devices only see this device's name."
 )
 
 
@@ -47,6 +48,7 @@ class DevicesScreen(Screen):
             yield Input(placeholder="Add a device by address (host:port), Enter", id="add-address")
             yield DataTable(id="device-table", cursor_type="row", zebra_stripes=True)
             yield Static("", id="devices-status")
+            yield Static("", id="private-data")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -96,6 +98,7 @@ class DevicesScreen(Screen):
         if self.devices.error:
             status = self.devices.error
         self.query_one("#devices-status", Static).update(status)
+        self.query_one("#private-data", Static).update(self.devices.private_data_statement())
 
     @on(Input.Submitted, "#add-address")
     def _add_address(self, event: Input.Submitted) -> None:

@@ -87,6 +87,7 @@ class DevicesService:
         self._lock = threading.Lock()
         self._stopped = False
         self.error = ""
+        self.private: Any = _no_private_data()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -108,11 +109,39 @@ class DevicesService:
         except Exception as exc:  # noqa: BLE001 - no network is a state, not a crash
             self.error = f"the mesh did not start: {exc}"
             return
+        self._serve_jobs(mesh)
         with self._lock:
             if self._stopped:  # the app quit while the mesh was starting
                 mesh.stop()
                 return
             self._mesh = mesh
+
+    def _serve_jobs(self, mesh: Any) -> None:
+        """Take part in the jobs paired devices start, as `hearth worker` does: pooled parts, and
+        federated parts that train on this device's private data (config mesh.private_data),
+        which stays here. A bad data file is reported in `error`; the rest still works."""
+        agent = getattr(mesh, "agent", None)
+        if agent is None:
+            return
+        from core.config import load_config
+        from mesh.job_parts import register_job_parts
+        from training.part_fields import LocalData, local_data
+
+        try:
+            self.private = local_data(load_config().get("mesh.private_data"))
+        except Exception as exc:  # noqa: BLE001 - a HearthError names the file and line
+            self.private = LocalData()
+            self.error = f"private data not used: {exc}"
+        register_job_parts(agent, None, self.private)
+
+    def private_data_statement(self) -> str:
+        """What this device offers federated jobs, in words (a count, never the text)."""
+        if not self.private.paths:
+            return ("No private data on this device. Add files or folders to mesh.private_data in the "
+                    "config for federated jobs to train on here, without sending them anywhere.")
+        names = ", ".join(p.name for p in self.private.paths)
+        return (f"Private data on this device: {self.private.conversations} conversations ({names}). "
+                "Federated jobs train on it here; it is never sent to another device.")
 
     def _hook(self, mesh: Any) -> None:
         mesh.on_pairing_request = self._incoming
@@ -267,3 +296,9 @@ def _memory_gb() -> float | None:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _no_private_data() -> Any:
+    from training.part_fields import LocalData
+
+    return LocalData()

@@ -1,0 +1,54 @@
+"""What a device agent must know about training job parts before any is used, without torch.
+
+The request types pooled (`pac.*`, training/worker_parts.py) and federated (`fed.*`,
+training/fed_parts.py) jobs send, and the fields each must carry: the mesh checks them before a
+handler runs. Kept apart from the parts themselves so that a device registers them at start
+(the app does, on its mesh thread) and loads torch only when a paired device opens a job.
+Also here: `LocalData`, a device's private data for federated jobs, checked when registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAC_OPEN, PAC_PROFILE, PAC_SINK, PAC_SAMPLES = "pac.open", "pac.profile", "pac.sink", "pac.samples"
+PAC_STEP, PAC_STAGE, PAC_CLOSE = "pac.step", "pac.stage", "pac.close"
+FED_INFO, FED_OPEN, FED_ROUND, FED_CLOSE = "fed.info", "fed.open", "fed.round", "fed.close"
+
+PAC_FIELDS: dict[str, dict[str, type]] = {
+    PAC_OPEN: {"job": str, "spec": str, "model_sha256": str, "model_name": str},
+    PAC_PROFILE: {"job": str, "tokens": int},
+    PAC_SINK: {},
+    PAC_SAMPLES: {"job": str},
+    PAC_STEP: {"job": str, "step": int},
+    PAC_STAGE: {"job": str, "first": int, "last": int},
+    PAC_CLOSE: {"job": str},
+}
+FED_FIELDS: dict[str, dict[str, type]] = {
+    FED_INFO: {},
+    FED_OPEN: {"job": str, "spec": str, "files": list},
+    FED_ROUND: {"job": str, "round": int, "rank": int, "steps": int},
+    FED_CLOSE: {"job": str},
+}
+
+
+@dataclass
+class LocalData:
+    """Data registered on this device only (`hearth worker --data`, config mesh.private_data):
+    paths and a count. Federated jobs train on it here; it is never sent."""
+
+    paths: list[Path] = field(default_factory=list)
+    conversations: int = 0
+
+
+def local_data(paths: list[str | Path]) -> LocalData:
+    """Validate every file now (a bad line: one-line HearthError naming file and line)."""
+    from training.data import read_conversations
+
+    found = LocalData()
+    for path in paths:
+        path = Path(path).expanduser().resolve()
+        found.conversations += len(read_conversations(path))
+        found.paths.append(path)
+    return found
