@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 
+PAUSE_S = 1.0
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and her cat."}]
 
 
@@ -128,6 +129,9 @@ def take_turns(runners: dict[str, Callable[[], tuple[float, float]]], runs: int)
     best = {name: (float("inf"), 0.0) for name in runners}
     for round_index in range(runs + 1):
         for name, once in runners.items():
+            # A pause between turns: both engines' worker threads spin for a while after their
+            # work, and would otherwise take the cores from the next runner.
+            time.sleep(PAUSE_S)
             ttft, speed = once()
             if round_index:
                 best[name] = (min(best[name][0], ttft), max(best[name][1], speed))
