@@ -23,7 +23,7 @@ PAPER_ACCURACY_GAIN = 0.4     # and +0.4 to +4.5 points at the same sparsity
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=80, help="virtual devices in the fleet (default 80)")
     parser.add_argument("--scale", choices=("quick", "paper"), default="quick",
-                        help="quick: minutes on 2 cores; paper: more rounds and a larger model (about an hour)")
+                        help="quick: minutes on 2 cores; paper: 150 rounds x 20 clients on a larger model (hours)")
     parser.add_argument("--rounds", type=int, help="override the scale's number of rounds")
     parser.add_argument("--clients", type=int, help="override the devices sampled per round")
     parser.add_argument("--seed", type=int, default=0)
