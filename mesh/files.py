@@ -10,13 +10,13 @@ This module does not decide which files to send.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from core.digest import file_sha256
 from mesh.errors import MeshError
 from mesh.handlers import HandlerRegistry, Request
 from mesh.transport import Connection
@@ -106,7 +106,7 @@ class FileReceiver:
         if offer is None:
             raise MeshError("file.done before file.offer")
         part = self._part(sha)
-        if not part.exists() or part.stat().st_size != offer[1] or _sha256(part) != sha:
+        if not part.exists() or part.stat().st_size != offer[1] or file_sha256(part) != sha:
             part.unlink(missing_ok=True)
             raise MeshError("file checksum mismatch; the partial file was dropped, send it again")
         final = received_path(sha, offer[0], self.root)
@@ -115,20 +115,12 @@ class FileReceiver:
         return {"path": str(final)}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def send_file(conn: Connection, path: Path, name: str | None = None, chunk_bytes: int = CHUNK_BYTES,
               progress: Callable[[int, int], None] | None = None, timeout: float = 60.0) -> str:
     """Send `path` to the peer (resuming a partial copy); returns the path on the peer."""
     path = Path(path)
     name = _check_name(name or path.name)
-    size, sha = path.stat().st_size, _sha256(path)
+    size, sha = path.stat().st_size, file_sha256(path)
     offer = conn.request("file.offer", {"name": name, "size": size, "sha256": sha}, timeout=timeout).fields
     if offer.get("complete"):
         return str(offer.get("path", ""))

@@ -174,6 +174,16 @@ class Host:
         """Run the `hearth` command in this host, with this host's HEARTH_HOME."""
         return self.popen([str(VENV_BIN / "hearth"), *args], **extra_env)
 
+    def pair_with(self, worker: HostProcess, worker_name: str) -> None:
+        """Pair this host with a `hearth worker` (named `worker_name`) running in another host:
+        `hearth pair` here, and "y" typed on both sides once the worker prompts."""
+        mark = len(worker.lines)
+        pair = self.hearth("pair", worker_name, "--interface", self.address)
+        pair.send_line("y")
+        worker.wait_for(r"Accept\? \[y/N\]", 30, mark)
+        worker.send_line("y")
+        assert pair.wait(60) == 0, pair.stderr() + "\n".join(pair.lines)
+
     def spawn(self, fn: Callable[..., Any], *args: Any) -> "HostCall":
         """Run `fn(*args)` in a fresh child process inside this namespace (HEARTH_HOME = this host's).
 

@@ -124,6 +124,15 @@ async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home
         assert app.services.devices.paired_count() == 0
 
 
+def _ask_to_pair(port: int, home: Path) -> subprocess.Popen:
+    """Another device (its own HEARTH_HOME) asks the app on `port` to pair: `hearth pair --json`,
+    which confirms on its side at once and prints its result when the app's side decides."""
+    env = {**os.environ, "HEARTH_HOME": str(home), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
 @run_async
 async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_home, stories_gguf, tmp_path):
     write_config(hearth_home, chat=stories_chat(stories_gguf),
@@ -135,10 +144,7 @@ async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_ho
         await pilot.pause()
         port = app.services.devices.port
         assert port
-        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
-        asker = subprocess.Popen(
-            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        asker = _ask_to_pair(port, tmp_path / "phone-home")
         try:
             await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
             assert app.current_mode == "models"
@@ -166,10 +172,7 @@ async def test_an_unanswered_pairing_request_closes_its_dialog_when_it_expires(h
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app)
         port = app.services.devices.port
-        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
-        asker = subprocess.Popen(
-            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        asker = _ask_to_pair(port, tmp_path / "phone-home")
         try:
             await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
             assert "expires in" in str(app.screen.query_one("#expiry").render())
@@ -191,10 +194,7 @@ async def test_a_pairing_request_withdrawn_by_the_other_device_closes_its_dialog
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app)
         port = app.services.devices.port
-        env = {**os.environ, "HEARTH_HOME": str(tmp_path / "phone-home"), "PYTHONPATH": str(REPO)}
-        asker = subprocess.Popen(
-            [sys.executable, "-m", "app", "pair", f"127.0.0.1:{port}", "--yes", "--json", "--interface", "127.0.0.1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        asker = _ask_to_pair(port, tmp_path / "phone-home")
         try:
             await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
         finally:

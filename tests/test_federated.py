@@ -113,7 +113,7 @@ def _open(jobs, spec, files) -> dict:
 
 def test_bad_local_data_is_refused_with_file_and_line(tmp_path):
     from app.cli import main
-    from training.fed_parts import local_data
+    from training.part_fields import local_data
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(member_rows("dad", 1)[0]) + "\n{not json\n", "utf-8")
@@ -123,7 +123,8 @@ def test_bad_local_data_is_refused_with_file_and_line(tmp_path):
 
 
 def test_device_receives_the_model_files_it_lacks_then_trains_a_pruned_round(base, data, tmp_path):
-    from training.fed_parts import FedJobs, FedSpec, RoundReport, local_data, model_files
+    from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.part_fields import local_data
 
     model, _ = base
     files = model_files(tiny_llama_dir())
@@ -167,7 +168,8 @@ def test_device_receives_the_model_files_it_lacks_then_trains_a_pruned_round(bas
 
 
 def test_device_trains_at_most_the_rank_it_was_sent_and_refuses_an_unrealisable_mask(base, data):
-    from training.fed_parts import FedJobs, FedSpec, RoundReport, local_data, model_files
+    from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.part_fields import local_data
 
     model, tokenizer = base
     jobs = FedJobs(local_data([data["dad"][0]]), local_model=(model, tokenizer))
@@ -215,7 +217,8 @@ class FlakyPeer:
 
 
 def _devices(base, data, flaky: dict[str, set[int]] | None = None):
-    from training.fed_parts import FedJobs, local_data
+    from training.fed_parts import FedJobs
+    from training.part_fields import local_data
     from training.federated import FedDevice, LocalPeer
 
     devices = []
@@ -238,7 +241,8 @@ FAMILY_MARGIN = 1.5
 @pytest.mark.slow
 def test_family_model_is_pruned_saved_and_better_than_the_base_on_every_members_data(stories_gguf, tmp_path,
                                                                                       hearth_home):
-    from training.fed_parts import FedJobs, FedSpec, local_data
+    from training.fed_parts import FedJobs, FedSpec
+    from training.part_fields import local_data
     from training.federated import FedDevice, LocalPeer, train_federated
     from training.model_store import load_torch, resolve
 

@@ -51,14 +51,7 @@ def lab(shared_dir, tmp_path_factory):
 
 
 def _pair(lab, name: str) -> None:
-    coord = lab.state["hosts"]["coord"]
-    worker = lab.state["workers"][name]
-    mark = len(worker.lines)
-    pair = coord.hearth("pair", f"host-{name}", "--interface", coord.address)
-    pair.send_line("y")
-    worker.wait_for(r"Accept\? \[y/N\]", 30, mark)
-    worker.send_line("y")
-    assert pair.wait(60) == 0, pair.stderr() + "\n".join(pair.lines)
+    lab.state["hosts"]["coord"].pair_with(lab.state["workers"][name], f"host-{name}")
 
 
 def _train(lab, out: str, devices: str, epochs: int = EPOCHS):

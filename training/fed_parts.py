@@ -39,13 +39,13 @@ from typing import Any
 
 import torch
 
+from core.digest import file_sha256
 from core.errors import HearthError
 from training.part_fields import FED_CLOSE as CLOSE
-from training.part_fields import FED_FIELDS as PART_FIELDS
 from training.part_fields import FED_INFO as INFO
 from training.part_fields import FED_OPEN as OPEN
 from training.part_fields import FED_ROUND as ROUND
-from training.part_fields import LocalData, local_data  # noqa: F401 (part of this module's interface)
+from training.part_fields import LocalData
 
 MAX_JOBS = 2                 # open jobs per device (a coordinator that crashed leaves one behind)
 # FedSpine's units are query heads and MLP channels; LoRA sits on the modules that own them.
@@ -105,14 +105,6 @@ class ModelFile:
 
     def to_field(self) -> list[str]:
         return [self.name, self.sha256]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_files(path: Path) -> list[ModelFile]:

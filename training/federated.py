@@ -52,11 +52,13 @@ from core.paths import hearth_paths
 from training.aggregation import LoraFactors
 from training.bandit import BanditConfig
 from training.fed_parts import (
-    CLOSE, LORA_SCALE, OPEN, ROUND, FedJobs, FedSpec, LocalData, ModelFile, RoundOrder, RoundReport, model_files,
+    CLOSE, LORA_SCALE, OPEN, ROUND, FedJobs, FedSpec, ModelFile, RoundOrder, RoundReport, model_files,
     module_shapes, unit_layout,
 )
 from training.fedspine import DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundPlan
 from training.job import ProgressEvent
+from training.local_peer import LocalPeer, MemberLost
+from training.part_fields import LocalData
 
 STATE_FILE = "federated.json"
 SERVER_DIR = "server"
@@ -175,31 +177,6 @@ def realisable_mask(importance: tuple[torch.Tensor, torch.Tensor], ratio: float,
     kept_channels = keep_count(channels.shape[1], ratio, 1)
     keep_channels = torch.stack([_top(row, kept_channels) for row in channels])
     return KeepMask(keep_heads, keep_channels)
-
-
-class _Reply:
-    def __init__(self, fields: dict, tensors: dict | None):
-        self.fields, self.tensors = fields, tensors
-
-
-class LocalPeer:
-    """This device as a member of the job (its own local data), through the same job parts."""
-
-    def __init__(self, jobs: FedJobs):
-        self.jobs = jobs
-
-    def request(self, type: str, fields: dict | None = None, tensors: dict | None = None,
-                data: bytes | None = None, timeout: float = 30.0) -> _Reply:
-        return _Reply(*self.jobs.handle("local", type, dict(fields or {}), tensors))
-
-    def send_file(self, path: Path, name: str | None = None) -> str:
-        return str(path)
-
-
-class _Lost(Exception):
-    def __init__(self, member: "_Member", reason: str):
-        super().__init__(reason)
-        self.member, self.reason = member, reason
 
 
 @dataclass
@@ -381,7 +358,7 @@ class _FederatedJob:
         except Exception as exc:  # a peer's failure of any kind ends its part in this round
             if member.local:
                 raise
-            raise _Lost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+            raise MemberLost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
 
     def _gone(self, member: _Member, reason: str) -> None:
         with self._lock:
@@ -400,14 +377,14 @@ class _FederatedJob:
             self.emit(ProgressEvent("load", message=f"sending the base model to {member.name}"))
             for name in missing:
                 if name not in by_name:
-                    raise _Lost(member, f"it asked for a file that is not part of the model ({str(name)[:60]})")
+                    raise MemberLost(member, f"it asked for a file that is not part of the model ({str(name)[:60]})")
                 try:
                     member.peer.send_file(by_name[name].path, name)
                 except Exception as exc:
-                    raise _Lost(member, f"model transfer failed: {exc}") from None
+                    raise MemberLost(member, f"model transfer failed: {exc}") from None
             reply = self._call(member, OPEN, fields, timeout=600)
             if reply.fields.get("need_files"):
-                raise _Lost(member, "it did not keep the base model it was sent")
+                raise MemberLost(member, "it did not keep the base model it was sent")
         member.examples = int(reply.fields.get("examples", 0))
 
     def open_all(self) -> None:
@@ -415,7 +392,7 @@ class _FederatedJob:
         for member, future in futures:
             try:
                 future.result()
-            except _Lost as lost:
+            except MemberLost as lost:
                 self._gone(lost.member, lost.reason)
         opened = [m for m in self.members if m.state == "ready"]
         if not opened:
@@ -437,7 +414,7 @@ class _FederatedJob:
             member.peer, member.busy = peer, None
             try:
                 self._open(member)
-            except _Lost as lost:
+            except MemberLost as lost:
                 self.emit(ProgressEvent("devices", message=f"{member.name} could not rejoin ({lost.reason})"))
                 continue
             member.state = "ready"
@@ -461,7 +438,7 @@ class _FederatedJob:
             report = RoundReport.from_reply(reply.fields, reply.tensors)
             self._check(report, plan, order)
         except ValueError as exc:
-            raise _Lost(member, f"bad round report ({str(exc)[:160]})") from None
+            raise MemberLost(member, f"bad round report ({str(exc)[:160]})") from None
         compute = report.prune_s + report.train_s
         return DeviceReport(
             round=report.round, device=member.name,
@@ -530,7 +507,7 @@ class _FederatedJob:
                 member.busy = None
                 try:
                     reports.append(future.result())
-                except _Lost as lost:
+                except MemberLost as lost:
                     self._gone(lost.member, lost.reason)
         outcome = server.aggregate_round(reports, opened_at)
         seconds = time.monotonic() - opened_at

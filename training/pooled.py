@@ -48,15 +48,17 @@ from typing import Any, Protocol
 
 import torch
 
+from core.digest import file_sha256
 from core.errors import HearthError
 from core.paths import hearth_paths
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, save_checkpoint,
     steps_per_epoch,
 )
+from training.local_peer import LocalPeer, MemberLost
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
-    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, file_sha256, pack_examples,
+    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, pack_examples,
     weights_to_tensors,
 )
 
@@ -119,31 +121,6 @@ class PooledResult:
             later = sum(self.epoch_step_s[1:]) / len(self.epoch_step_s[1:])
             out["later"] = abs(self.plan.later_step_s - later) / later
         return out
-
-
-class _Reply:
-    def __init__(self, fields: dict, tensors: dict | None):
-        self.fields, self.tensors = fields, tensors
-
-
-class LocalPeer:
-    """This device's own share, through the same job parts a remote worker runs."""
-
-    def __init__(self, jobs: WorkerJobs):
-        self.jobs = jobs
-
-    def request(self, type: str, fields: dict | None = None, tensors: dict | None = None,
-                data: bytes | None = None, timeout: float = 30.0) -> _Reply:
-        return _Reply(*self.jobs.handle("local", type, dict(fields or {}), tensors))
-
-    def send_file(self, path: Path, name: str | None = None) -> str:
-        return str(path)
-
-
-class _Lost(Exception):
-    def __init__(self, member: "_Member", reason: str):
-        super().__init__(reason)
-        self.member, self.reason = member, reason
 
 
 @dataclass
@@ -285,7 +262,7 @@ class _PooledJob:
         except Exception as exc:  # a peer's failure of any kind ends its part in the job
             if member.local:
                 raise
-            raise _Lost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+            raise MemberLost(member, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
         if not member.local:
             with self._bytes_lock:
                 self.bytes += _tensor_bytes(tensors) + _tensor_bytes(reply.tensors)
@@ -318,10 +295,10 @@ class _PooledJob:
             try:
                 member.peer.send_file(self.model_path, self.model_path.name)
             except Exception as exc:
-                raise _Lost(member, f"model transfer failed: {exc}") from None
+                raise MemberLost(member, f"model transfer failed: {exc}") from None
             reply = self._call(member, OPEN, fields, timeout=300)
             if reply.fields.get("need_model"):
-                raise _Lost(member, "it did not keep the base model it was sent")
+                raise MemberLost(member, "it did not keep the base model it was sent")
 
     def _profile(self, member: _Member, tokens: int, trained: int) -> PartProfile:
         fields = {"job": self.job_id, "tokens": tokens, "trained": trained}
@@ -370,7 +347,7 @@ class _PooledJob:
         for member in self._active():
             try:
                 measure(member)
-            except _Lost as lost:
+            except MemberLost as lost:
                 self._gone(lost.member, lost.reason)
         active = self._active()
         if not active:
@@ -426,7 +403,7 @@ class _PooledJob:
         for member, future in futures:
             try:
                 future.result()
-            except _Lost as lost:
+            except MemberLost as lost:
                 self._gone(lost.member, lost.reason)
 
     # --- the steps ------------------------------------------------------------------------------
@@ -466,7 +443,7 @@ class _PooledJob:
             try:
                 self._open(member)
                 self._send_samples(member, member.first_owned)
-            except _Lost as lost:
+            except MemberLost as lost:
                 member.state = "gone"
                 self.emit(ProgressEvent("devices", message=f"{member.name} could not rejoin ({lost.reason})"))
                 continue
@@ -500,7 +477,7 @@ class _PooledJob:
         for name, future in futures:
             try:
                 results.append(future.result())
-            except _Lost as exc:
+            except MemberLost as exc:
                 lost.append(exc)
         if lost:
             for exc in lost:
@@ -531,7 +508,7 @@ class _PooledJob:
             try:
                 results = self._step_parts(batch)
                 break
-            except _Lost:
+            except MemberLost:
                 self._reassign()
         tokens = sum(r.tokens for r in results)
         grads = {}

@@ -31,7 +31,6 @@ paired devices, and the coordinator calls it directly for its own share. Only PA
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -43,12 +42,12 @@ from typing import Any
 
 import torch
 
+from core.digest import file_sha256
 from core.errors import HearthError
 from training.data import Example
 from training.job import JobSpec, pac_gradients
 
 from training.part_fields import PAC_CLOSE as CLOSE
-from training.part_fields import PAC_FIELDS as PART_FIELDS
 from training.part_fields import PAC_OPEN as OPEN
 from training.part_fields import PAC_PROFILE as PROFILE
 from training.part_fields import PAC_SAMPLES as SAMPLES
@@ -312,14 +311,6 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the jobs a device serves ------------------------------------------------------------------

@@ -16,8 +16,9 @@ def run_federated(args, report) -> int:
     from mesh.job_parts import connect_job_peers, reconnect
     from mesh.service import MeshService
     from training.catalog import DEFAULT_MODEL, find_entry
-    from training.fed_parts import FedSpec, local_data
+    from training.fed_parts import FedSpec
     from training.federated import FedDevice, train_federated
+    from training.part_fields import local_data
 
     if not args.devices:
         raise HearthError("--federated needs --devices all|NAME,... (the devices that hold the family's data)")
