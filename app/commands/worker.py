@@ -24,7 +24,8 @@ def register(sub) -> argparse.ArgumentParser:
                         "backbone's size this device becomes a pipeline stage")
     p.add_argument("--data", action="append", metavar="PATH",
                    help="this device's own training data (JSONL chats or a folder of notes; repeatable): "
-                        "federated jobs train on it here, it is never sent to another device")
+                        "federated jobs train on it here, it is never sent to another device; adds to "
+                        "the config's mesh.private_data")
     return p
 
 
