@@ -102,7 +102,8 @@ async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home
         table.move_cursor(row=app.screen.rows.index(kitchen))
         table.focus()
         await pilot.press("p")
-        await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 30, "the pairing dialog")
+        await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog) and app.screen.query("#code"),
+                         30, "the pairing dialog")
         shown = app.screen.query_one("#code").render()
         code = worker.expect(r"Code: (\d{6})").group(1)
         assert str(shown).replace(" ", "") == code          # the same six digits on both devices
@@ -146,7 +147,9 @@ async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_ho
         assert port
         asker = _ask_to_pair(port, tmp_path / "phone-home")
         try:
-            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
+            # Pushed is not yet composed: wait for the code itself before reading or clicking.
+            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog) and app.screen.query("#code"),
+                             60, "the pairing request")
             assert app.current_mode == "models"
             await pilot.pause(0.3)              # laid out before it is clicked
             code = str(app.screen.query_one("#code").render()).replace(" ", "")
@@ -164,7 +167,7 @@ async def test_incoming_pairing_request_pops_up_wherever_the_person_is(hearth_ho
 async def test_an_unanswered_pairing_request_closes_its_dialog_when_it_expires(hearth_home, stories_gguf, tmp_path):
     # A short expiry (the default is 60 s) so that the test sees the real expiry happen.
     write_config(hearth_home, chat=stories_chat(stories_gguf),
-                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"], "pairing_expiry_s": 3.0})
+                 mesh={"name": "living-room", "interfaces": ["127.0.0.1"], "pairing_expiry_s": 5.0})
     app = make_app(start_mesh=True)
     said: list[str] = []      # notifications time out of the screen: keep what was said
     notify = app.notify
@@ -174,8 +177,9 @@ async def test_an_unanswered_pairing_request_closes_its_dialog_when_it_expires(h
         port = app.services.devices.port
         asker = _ask_to_pair(port, tmp_path / "phone-home")
         try:
-            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog), 60, "the pairing request")
-            assert "expires in" in str(app.screen.query_one("#expiry").render())
+            # Pushed is not yet composed: wait for the countdown itself.
+            await wait_until(pilot, lambda: isinstance(app.screen, PairingDialog) and "expires in" in " ".join(
+                str(w.render()) for w in app.screen.query("#expiry")), 60, "the pairing dialog's countdown")
             await wait_until(pilot, lambda: not isinstance(app.screen, PairingDialog), 15, "the dialog to close")
             await wait_until(pilot, lambda: asker.poll() is not None, 60, "the other side to give up")
             result = json.loads(asker.stdout.read())
