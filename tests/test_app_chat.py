@@ -93,10 +93,24 @@ async def test_escape_stops_an_answer_mid_stream_and_keeps_what_came(hearth_home
 
 
 @run_async
-async def test_stream_stays_in_the_conversation_it_started_in(hearth_home):
-    # A long answer, and the new chat is opened once it is surely streaming: a short one can end
-    # before the key press on a fast machine, and then there is nothing left to test.
-    write_config(hearth_home, chat={"max_tokens": 400, "threads": 2, "temperature": 0.7})
+async def test_stream_stays_in_the_conversation_it_started_in(hearth_home, monkeypatch):
+    import time
+
+    from training.engines import LlamaCppEngine
+
+    # The new chat must open while the answer is still streaming. The model may end its answer
+    # early (end of sequence) and a fast machine streams it in a blink, so each piece is held
+    # back 50 ms here (the model and the app are untouched) and the key is pressed once the
+    # first words have arrived.
+    real_stream = LlamaCppEngine.stream
+
+    def slow_stream(self, messages, settings, cancel=None):
+        for piece in real_stream(self, messages, settings, cancel):
+            time.sleep(0.05)
+            yield piece
+
+    monkeypatch.setattr(LlamaCppEngine, "stream", slow_stream)
+    write_config(hearth_home, chat={"max_tokens": 60, "threads": 2})
     app = make_app()
     progress = []
 
