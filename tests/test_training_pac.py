@@ -71,6 +71,32 @@ def test_no_backbone_parameter_receives_a_gradient(tiny_backbone, household_exam
     assert all(not p.requires_grad for p in model.parameters())
 
 
+def test_sliced_loss_gives_the_whole_batchs_loss_and_gradients(tiny_backbone, household_examples):
+    from training.data import collate
+    from training.job import LOSS_SLICE, pac_gradients
+    from training.parallel_adapters import SideChain, SideChainConfig, backbone_taps, chain_loss, labelled_positions
+
+    model = tiny_backbone.model
+    torch.manual_seed(0)
+    chain = SideChain(SideChainConfig.for_backbone(model, every=2))
+    with torch.no_grad():
+        for up in chain.ups:
+            up.weight.normal_(std=0.1)
+    batch = collate(household_examples[:8], tiny_backbone.tokenizer.pad_token_id)
+    taps, _ = backbone_taps(model, chain.config, batch.input_ids, batch.attention_mask)
+    rows, cols, targets = labelled_positions(batch)
+    positions = taps[rows, cols]
+    assert len(targets) > 2 * LOSS_SLICE and len(targets) % LOSS_SLICE  # several slices, one short
+
+    loss, grads = pac_gradients(model, chain, positions, targets)
+    chain.zero_grad(set_to_none=True)
+    whole = chain_loss(model, chain, positions, targets)
+    whole.backward()
+    assert loss == pytest.approx(float(whole), rel=1e-5)
+    for name, p in chain.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
+
+
 def _pac_spec(name: str, data: Path, **overrides):
     from training.job import JobSpec
 
