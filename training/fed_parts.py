@@ -41,6 +41,7 @@ import torch
 
 from core.digest import file_sha256
 from core.errors import HearthError
+from training.open_jobs import OpenJobs
 from training.part_fields import FED_CLOSE as CLOSE
 from training.part_fields import FED_INFO as INFO
 from training.part_fields import FED_OPEN as OPEN
@@ -386,12 +387,6 @@ class FedJob:
 # --- the jobs a device serves ------------------------------------------------------------------
 
 @dataclass
-class _Open:
-    owner: str                       # the device that opened it: only it may use the job
-    job: FedJob
-
-
-@dataclass
 class FedJobs:
     """Every federated job open on this device; `handle` answers one request.
 
@@ -402,8 +397,7 @@ class FedJobs:
     data: LocalData = field(default_factory=LocalData)
     received_file: Any = None                      # Callable[[str, str], Path] | None
     local_model: Any = None                        # (model, tokenizer) already loaded here
-    jobs: dict[str, _Open] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    jobs: OpenJobs = field(default_factory=lambda: OpenJobs(MAX_JOBS, "federated job"))
     _models: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def handle(self, owner: str, type: str, fields: dict, tensors: dict | None) -> tuple[dict, dict | None]:
@@ -417,23 +411,15 @@ class FedJobs:
             return {"examples": self.data.conversations, "sources": len(self.data.paths)}, None
         if type == OPEN:
             return self._open(owner, fields), None
-        job = self._job(owner, fields["job"])
+        job = self.jobs.get(owner, fields["job"])
         if type == CLOSE:
-            with self.lock:
-                self.jobs.pop(fields["job"], None)
+            self.jobs.close(fields["job"])
             return {"closed": True}, None
         if type == ROUND:
             order = RoundOrder.from_request(fields, tensors)
             with job.lock:
                 return job.run_round(order).to_reply()
         raise ValueError(f"unknown job part {type!r}")
-
-    def _job(self, owner: str, job_id: str) -> FedJob:
-        with self.lock:
-            entry = self.jobs.get(job_id)
-        if entry is None or entry.owner != owner:
-            raise ValueError(f"no open federated job {job_id[:40]!r} for this device")
-        return entry.job
 
     def _open(self, owner: str, fields: dict) -> dict:
         from training.data import read_conversations, tokenize
@@ -453,10 +439,8 @@ class FedJobs:
         model, tokenizer = loaded
         conversations = [c for path in self.data.paths for c in read_conversations(path)]
         examples = tokenize(conversations, tokenizer, spec.max_length)
-        with self.lock:
-            if fields["job"] not in self.jobs and len(self.jobs) >= MAX_JOBS:
-                self.jobs.pop(next(iter(self.jobs)))   # a crashed coordinator's job: make room
-            self.jobs[fields["job"]] = _Open(owner, FedJob(spec, model, tokenizer, examples))
+        self.jobs.make_room(fields["job"])
+        self.jobs.put(owner, fields["job"], FedJob(spec, model, tokenizer, examples))
         return {"opened": True, "examples": len(examples)}
 
     def _model(self, spec: FedSpec, files: list[ModelFile]) -> tuple[Any, Any] | list[str]:

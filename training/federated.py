@@ -57,7 +57,7 @@ from training.fed_parts import (
 )
 from training.fedspine import DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundPlan
 from training.job import ProgressEvent
-from training.local_peer import LocalPeer, MemberLost
+from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.part_fields import LocalData
 
 STATE_FILE = "federated.json"
@@ -539,10 +539,5 @@ class _FederatedJob:
         return summary, event
 
     def close(self) -> None:
-        for member in self.members:
-            if member.state != "gone":
-                try:
-                    member.peer.request(CLOSE, {"job": self.job_id}, None, None, 10)
-                except Exception:
-                    pass  # it forgets the job when it restarts anyway
+        close_job_on(self.members, CLOSE, self.job_id)
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -2,7 +2,8 @@
 
 Pooled (training/pooled.py) and federated (training/federated.py) coordinators treat every
 member alike through `request()` / `send_file()`; for this device those calls are answered by
-the same parts a remote worker runs (`jobs.handle`), with no socket in between.
+the same parts a remote worker runs (`jobs.handle`), with no socket in between. Also what both
+coordinators share about members: `MemberLost` and `close_job_on`.
 """
 
 from __future__ import annotations
@@ -37,3 +38,14 @@ class MemberLost(Exception):
     def __init__(self, member: Any, reason: str):
         super().__init__(reason)
         self.member, self.reason = member, reason
+
+
+def close_job_on(members: Any, close_type: str, job_id: str) -> None:
+    """Ask every member not known to be gone to forget the job; a member that does not answer
+    forgets it when it restarts anyway. `members` have `state` and `peer`."""
+    for member in members:
+        if member.state != "gone":
+            try:
+                member.peer.request(close_type, {"job": job_id}, None, None, 10)
+            except Exception:
+                pass

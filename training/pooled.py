@@ -55,7 +55,7 @@ from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, save_checkpoint,
     steps_per_epoch,
 )
-from training.local_peer import LocalPeer, MemberLost
+from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
     CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, pack_examples,
@@ -580,10 +580,5 @@ class _PooledJob:
                 for m in self.members]
 
     def close(self) -> None:
-        for member in self.members:
-            if member.state != "gone":
-                try:
-                    member.peer.request(CLOSE, {"job": self.job_id}, None, None, 10)
-                except Exception:
-                    pass  # it forgets the job when it restarts anyway
+        close_job_on(self.members, CLOSE, self.job_id)
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -47,6 +47,7 @@ from core.errors import HearthError
 from training.data import Example
 from training.job import JobSpec, pac_gradients
 
+from training.open_jobs import OpenJobs
 from training.part_fields import PAC_CLOSE as CLOSE
 from training.part_fields import PAC_OPEN as OPEN
 from training.part_fields import PAC_PROFILE as PROFILE
@@ -316,12 +317,6 @@ def available_memory() -> int:
 # --- the jobs a device serves ------------------------------------------------------------------
 
 @dataclass
-class _Open:
-    owner: str                       # the device that opened it: only it may use the job
-    job: WorkerJob
-
-
-@dataclass
 class WorkerJobs:
     """Every pooled job open on this device, keyed by job id; `handle` answers one request.
 
@@ -333,8 +328,7 @@ class WorkerJobs:
     received_model: Any = None                     # Callable[[str, str], Path] | None
     local_backbone: Any = None
     memory_budget: int | None = None               # bytes jobs may use here (None: what is free)
-    jobs: dict[str, _Open] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    jobs: OpenJobs = field(default_factory=lambda: OpenJobs(MAX_JOBS))
     _backbones: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def handle(self, owner: str, type: str, fields: dict, tensors: dict | None) -> tuple[dict, dict | None]:
@@ -342,10 +336,9 @@ class WorkerJobs:
             return {"bytes": sum(t.numel() * t.element_size() for t in (tensors or {}).values())}, None
         if type == OPEN:
             return self._open(owner, fields), None
-        job = self._job(owner, fields["job"])
+        job = self.jobs.get(owner, fields["job"])
         if type == CLOSE:
-            with self.lock:
-                self.jobs.pop(fields["job"], None)
+            self.jobs.close(fields["job"])
             return {"closed": True}, None
         if type == PROFILE:
             trained = fields.get("trained")
@@ -370,13 +363,6 @@ class WorkerJobs:
             return {"cached": len(indices or []) if fields.get("cache") else 0}, out or None
         raise ValueError(f"unknown job part {type!r}")
 
-    def _job(self, owner: str, job_id: str) -> WorkerJob:
-        with self.lock:
-            entry = self.jobs.get(job_id)
-        if entry is None or entry.owner != owner:
-            raise ValueError(f"no open job {job_id[:40]!r} for this device")
-        return entry.job
-
     def _open(self, owner: str, fields: dict) -> dict:
         try:
             spec = JobSpec.from_dict(json.loads(fields["spec"]))
@@ -385,13 +371,9 @@ class WorkerJobs:
         backbone = self.local_backbone or self._backbone(spec, fields["model_sha256"], fields["model_name"])
         if backbone is None:
             return {"need_model": True}
-        with self.lock:
-            if fields["job"] not in self.jobs and len(self.jobs) >= MAX_JOBS:
-                oldest = next(iter(self.jobs))   # a crashed coordinator's job: make room
-                self.jobs.pop(oldest)
+        self.jobs.make_room(fields["job"])
         job = WorkerJob(spec, backbone)
-        with self.lock:
-            self.jobs[fields["job"]] = _Open(owner, job)
+        self.jobs.put(owner, fields["job"], job)
         return {"opened": True, "parameters": sum(p.numel() for p in job.chain.parameters())}
 
     def _backbone(self, spec: JobSpec, sha256: str, name: str) -> Any:
