@@ -40,6 +40,22 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; the screen was:\n{self.screen()}")
 
+    def type_prompt(self, text: str) -> None:
+        """Type `text` into the chat prompt and check it arrived whole before Enter. Keys that
+        land while Textual is still switching screens go to the screen being left, so a prompt
+        missing its first characters is cleared (Ctrl-U) and typed again, at most three times."""
+        visible = text if len(text) <= 40 else text[-20:]   # a long prompt scrolls: its end shows
+        for _ in range(3):
+            self("send-keys", "-t", "e2e", "C-u")
+            self("send-keys", "-t", "e2e", "-l", text)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if visible in self.screen():
+                    self("send-keys", "-t", "e2e", "Enter")
+                    return
+                time.sleep(0.2)
+        raise AssertionError(f"the prompt never showed {text!r}; the screen was:\n{self.screen()}")
+
 
 def test_a_person_chats_stops_an_answer_and_quits(tmp_path):
     from serving.history import History
@@ -59,12 +75,10 @@ def test_a_person_chats_stops_an_answer_and_quits(tmp_path):
         tmux("send-keys", "-t", "e2e", "F1")
         tmux.wait_for(lambda s: "Conversations" in s, 20, "the Chat screen")
 
-        tmux("send-keys", "-t", "e2e", "-l", "What is the capital of France?")
-        tmux("send-keys", "-t", "e2e", "Enter")
+        tmux.type_prompt("What is the capital of France?")
         tmux.wait_for(lambda s: "Paris" in s and "ready." in s, 120, "the streamed answer")
 
-        tmux("send-keys", "-t", "e2e", "-l", "Write a very long story about a dragon who bakes bread.")
-        tmux("send-keys", "-t", "e2e", "Enter")
+        tmux.type_prompt("Write a very long story about a dragon who bakes bread.")
         def streaming(screen: str) -> bool:
             # The live answer's label, then words (not the "…" placeholder) under it.
             parts = screen.split("Hearth  answering…")
