@@ -338,14 +338,65 @@ def test_device_that_left_is_taken_back_at_the_next_epoch(mesh, notes, stories_g
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
 
 
+def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(notes, stories_gguf, backbone,
+                                                                              hearth_home):
+    """Devices keep replicas and are sent only the sum or the others' contributions: each must
+    rebuild the coordinator's sum exactly, whatever its place in the order, and take steps it had
+    no sample in (20 samples in batches of 6 leave some device out of the last step of each
+    epoch). Two devices in-process here, through the same job parts a remote worker runs."""
+    from training.local_peer import LocalPeer
+    from training.pooled import JobDevice, train_pooled
+    from training.worker_parts import CLOSE, WorkerJobs
+
+    finals: dict[str, dict] = {}
+
+    class Recording(WorkerJobs):
+        def handle(self, owner, type, fields, tensors):
+            if type == CLOSE:
+                job = self.jobs.get(owner, fields["job"])
+                finals[self.name] = {k: v.detach().clone() for k, v in job.chain.named_parameters()}
+            return super().handle(owner, type, fields, tensors)
+
+    devices = [JobDevice("this")]
+    for name in ("left", "right"):
+        jobs = Recording(local_backbone=backbone)
+        jobs.name = name
+        devices.append(JobDevice(name, LocalPeer(jobs)))
+    spec = _spec(notes, stories_gguf, "pooled-replicas", epochs=2)
+    pooled = train_pooled(spec, devices, backbone=backbone, save=False)
+    assert pooled.lost == [] and set(finals) == {"left", "right"}
+    master = dict(pooled.result.module.named_parameters())
+    for name, weights in finals.items():
+        assert all(torch.equal(weights[k], master[k].detach()) for k in master), name
+    single = _single(spec, backbone)
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+
+
 def test_samples_are_owned_in_proportion_to_speed():
     from training.pooled import assign_owners
 
-    owners = assign_owners(20, {"desktop": 3.0, "laptop": 1.0, "phone": 0.0})
+    owners = assign_owners([(1.0, 0.1)] * 20, {"desktop": 3.0, "laptop": 1.0, "phone": 0.0}, 2)
     counts = {name: list(owners.values()).count(name) for name in ("desktop", "laptop", "phone")}
     assert counts == {"desktop": 15, "laptop": 5, "phone": 0} and sorted(owners) == list(range(20))
     with pytest.raises(HearthError, match="no device"):
-        assign_owners(3, {"phone": 0.0})
+        assign_owners([(1.0, 0.1)] * 3, {"phone": 0.0})
+
+
+def test_samples_are_owned_by_what_they_cost_not_by_count():
+    """One long answer costs as much as four short ones: equal devices get equal work, and the
+    later epochs (adapter work only) are balanced too when they dominate the job."""
+    from training.pooled import assign_owners
+
+    costs = [(4.0, 4.0)] + [(1.0, 1.0)] * 4 + [(2.0, 2.0)] * 2
+    owners = assign_owners(costs, {"a": 1.0, "b": 1.0}, 3)
+    load = {n: sum(costs[i][0] for i, o in owners.items() if o == n) for n in "ab"}
+    assert load == {"a": 6.0, "b": 6.0}
+    # Epoch 1 balanced by length, later epochs by trained tokens: with 9 later epochs the
+    # trained tokens decide.
+    costs = [(3.0, 1.0), (1.0, 3.0), (3.0, 1.0), (1.0, 3.0)]
+    owners = assign_owners(costs, {"a": 1.0, "b": 1.0}, 9)
+    later = {n: sum(costs[i][1] for i, o in owners.items() if o == n) for n in "ab"}
+    assert later == {"a": 4.0, "b": 4.0}
 
 
 def test_only_pac_jobs_with_the_cache_are_pooled(notes, stories_gguf, hearth_home):

@@ -34,11 +34,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
     parser.add_argument("--data", default=None,
                         help="training data (default: the first --samples Dolly open-QA pairs from the shared fixtures)")
-    parser.add_argument("--samples", type=int, default=64, help="samples of the default data (default 64)")
+    parser.add_argument("--samples", type=int, default=128, help="samples of the default data (default 128)")
     parser.add_argument("--epochs", type=int, default=3)
     # One step per epoch by default: with a smaller batch, each step's random batch splits
     # unevenly between the devices' own samples, and the larger part sets the step's time.
-    parser.add_argument("--batch-size", type=int, default=64)
+    # 128: a step's adapter work (about 9 s on one core here) against one 3.4 MB transfer;
+    # at 64 the ratios swing with a few samples more on one side (docs/pooled.md).
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rate", default="100mbit", help="tbf rate of the link (default 100mbit)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the throughputs into this PNG")
 

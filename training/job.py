@@ -4,7 +4,8 @@
   two runs with equal specs produce the same adapter, on one device or pooled across several.
 - `batch_plan`: the global batches of an epoch, fixed by seed and epoch (not by the device).
 - Step functions a remote worker can call: `pac_gradients` (adapter gradients from cached
-  activations), `apply_gradients` (clip + optimiser step, after any averaging across devices).
+  activations), `weighted` / `fold` (a device's share of a step's gradients, and their sum in a
+  fixed order), `apply_gradients` (clip + optimiser step, after any averaging across devices).
 - Checkpoints: one format, `checkpoint.safetensors` (trainable tensors + optimiser state) and
   `checkpoint.json` (spec, step, losses), each written atomically, the JSON last.
 - `ProgressEvent`: what the trainer reports (the CLI prints it as a bar or as JSON lines).
@@ -15,6 +16,7 @@ What is not here: the loop (trainer.py).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,14 +141,44 @@ def pac_gradients(backbone: Any, chain: Any, taps: torch.Tensor, targets: torch.
     return loss_sum, grads
 
 
+def make_optimizer(params: Any, spec: JobSpec) -> torch.optim.Optimizer:
+    """The job's optimiser: the coordinator's and every pooled replica's are the same."""
+    return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def weighted(grads: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
+    """A device's contribution to a step: its mean gradients times its share of the step's
+    target tokens (`tokens / total`, the same Python float wherever it is computed)."""
+    return {name: grad * share for name, grad in grads.items()}
+
+
+def fold(terms: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The sum of `terms` added in the order given. Pooled replicas rebuild the coordinator's sum
+    from its running total and the later terms: the same additions in the same order give the
+    same bits on every device."""
+    total = {name: value.clone() for name, value in terms[0].items()}
+    for term in terms[1:]:
+        if term.keys() != total.keys():
+            raise ValueError("gradient terms name different parameters")
+        for name, value in term.items():
+            total[name] += value
+    return total
+
+
 def apply_gradients(module: Any, optimizer: Any, grads: dict[str, torch.Tensor], max_grad_norm: float) -> None:
     """Set the (possibly averaged) gradients, clip, and take one optimiser step."""
     params = dict(module.named_parameters())
     for name, grad in grads.items():
         params[name].grad = grad
-    trainable = [p for p in params.values() if p.requires_grad]
+    trainable = [p for p in params.values() if p.requires_grad and p.grad is not None]
     if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        # The norm in float64, summed in parameter order: replicas with other thread counts
+        # (whose float32 reductions split differently) still clip by the same factor.
+        norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in trainable))
+        scale = max_grad_norm / (norm + 1e-6)
+        if scale < 1.0:
+            for p in trainable:
+                p.grad.mul_(scale)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -168,7 +200,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"w.{k}": v.detach().contiguous().cpu() for k, v in checkpoint.weights.items()}
-    opt_state, opt_meta = _flatten_optimizer(checkpoint.optimizer)
+    opt_state, opt_meta = optimizer_to_tensors(checkpoint.optimizer)
     tensors.update(opt_state)
     with atomic_path(Path(folder) / CHECKPOINT_TENSORS) as tmp:
         save_file(tensors, str(tmp), metadata={"step": str(checkpoint.step)})
@@ -194,11 +226,13 @@ def load_checkpoint(folder: Path) -> Checkpoint | None:
     except (OSError, ValueError, KeyError) as exc:
         raise HearthError(f"{folder}: unreadable checkpoint ({exc}); start again without --resume") from None
     weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
-    optimizer = _unflatten_optimizer(tensors, meta["optimizer"])
+    optimizer = optimizer_from_tensors(tensors, meta["optimizer"])
     return Checkpoint(JobSpec.from_dict(meta["spec"]), meta["step"], weights, optimizer, meta["losses"])
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser state_dict as tensors `o.<param index>.<key>` and JSON-ready rest (checkpoints,
+    and the state a pooled replica is given); `optimizer_from_tensors` undoes it."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for index, values in state.get("state", {}).items():
@@ -210,7 +244,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state.get("param_groups", []), "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("o."):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAC_OPEN, PAC_PROFILE, PAC_SINK, PAC_SAMPLES = "pac.open", "pac.profile", "pac.sink", "pac.samples"
-PAC_STEP, PAC_STAGE, PAC_CLOSE = "pac.step", "pac.stage", "pac.close"
+PAC_STEP, PAC_APPLY, PAC_STAGE, PAC_CLOSE = "pac.step", "pac.apply", "pac.stage", "pac.close"
 FED_INFO, FED_OPEN, FED_ROUND, FED_CLOSE = "fed.info", "fed.open", "fed.round", "fed.close"
 
 PAC_FIELDS: dict[str, dict[str, type]] = {
@@ -22,6 +22,7 @@ PAC_FIELDS: dict[str, dict[str, type]] = {
     PAC_SINK: {},
     PAC_SAMPLES: {"job": str},
     PAC_STEP: {"job": str, "step": int},
+    PAC_APPLY: {"job": str, "step": int},
     PAC_STAGE: {"job": str, "first": int, "last": int},
     PAC_CLOSE: {"job": str},
 }

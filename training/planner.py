@@ -9,8 +9,11 @@ Hybrid parallelism (PAC, ALGORITHMS.md section 4):
 - the global batch is split over replicas and pipelines in proportion to measured speed
   (integers that sum to the batch), so a slow phone does not hold back a desktop;
 - epochs 2.. are adapter-only data parallelism: every cache holder trains on its own cached
-  samples, and adapter gradients are averaged each step by a reduce to the coordinator and a
-  broadcast back (on shared Wi-Fi all bytes cross the same air, so a ring buys nothing).
+  samples, and adapter gradients are averaged each step through the coordinator: every device's
+  contribution goes up, and each device gets the sum back (the last one to finish is sent the
+  others' part while its own is still on the way up, so on a full-duplex link a two-device
+  step costs one transfer, not two; on shared Wi-Fi all bytes cross the same air, so a ring
+  buys nothing).
 
 What it is not: it measures nothing (mesh/profile.py measures; `profile_from_measurement` turns
 such measurements into per-layer times here), sends nothing, and does not re-plan when a device
@@ -288,12 +291,15 @@ def _check(devices: list[DeviceProfile], model: ModelSpec, global_batch: int) ->
 
 
 def _average_seconds(members: list[DeviceProfile], coordinator: DeviceProfile, nbytes: int) -> tuple[float, int]:
-    """Reduce to the coordinator and broadcast back: every other member's upload, then the
-    coordinator's sends, one after another on the shared air."""
+    """Every other member's upload to the coordinator, and one sum back to each. The uploads
+    share the coordinator's link; the send to the last device to finish overlaps them (it needs
+    only the others' part), the rest follow once everything is in."""
     others = [d for d in members if d.name != coordinator.name]
+    if not others:
+        return 0.0, 0
     up = sum(nbytes / d.bandwidth_bps + d.latency_s for d in others)
-    down = len(others) * (nbytes / coordinator.bandwidth_bps + coordinator.latency_s)
-    return up + down, 2 * len(others) * nbytes
+    one_down = nbytes / coordinator.bandwidth_bps + coordinator.latency_s
+    return max(up, one_down) + (len(others) - 1) * one_down, 2 * len(others) * nbytes
 
 
 def make_plan(devices: list[DeviceProfile], model: ModelSpec, global_batch: int, microbatch: int = 1) -> Plan:

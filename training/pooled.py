@@ -7,12 +7,19 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
    shows before anything else happens (devices, shares, predicted step time, who gets the data);
 2. gives each device the samples it owns (token ids, in proportion to the plan's shares; a device
    with no share receives nothing), and nothing else of the job's data;
-3. runs the global steps of `job.batch_plan` in order. Each step sends every device the current
-   adapter weights and its owned samples of the batch; the device answers loss and gradients
-   (`job.pac_gradients`), running the backbone only for samples it has not cached yet, so epoch 1
-   fills each device's activation cache and epochs 2.. are adapter-only data parallelism. The
-   gradients are averaged weighted by target tokens (the loss is a mean over tokens, so this is
-   exactly the full batch's gradient) and applied once (`job.apply_gradients`).
+3. runs the global steps of `job.batch_plan` in order. Each step sends every device its owned
+   samples of the batch; the device answers loss and gradients (`job.pac_gradients`) computed
+   with its replica of the side chain, running the backbone only for samples it has not cached
+   yet, so epoch 1 fills each device's activation cache and epochs 2.. are adapter-only data
+   parallelism. The gradients are averaged weighted by target tokens (the loss is a mean over
+   tokens, so this is exactly the full batch's gradient), added in a fixed order (this device
+   first), and applied once here (`job.apply_gradients`). Each device is sent the sum (`pac.apply`)
+   and takes the same optimiser step, so its replica stays equal to this side chain bit for bit;
+   the device whose part is the last still on its way is instead sent the others' contributions
+   at once (the running total of the devices before it and each later one) and rebuilds the same
+   sum itself, so its upload and that download overlap (worker_parts.py says why). A device whose
+   replica is not at the step (the first step, a resume, a rejoin) is sent the whole state with
+   its part.
 
 Hybrid parallelism: devices that hold the backbone are data-parallel replicas. Devices that
 cannot form the planner's pipelines: in epoch 1 the coordinator passes each pipeline's samples
@@ -52,14 +59,14 @@ from core.digest import file_sha256
 from core.errors import HearthError
 from core.paths import hearth_paths
 from training.job import (
-    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, save_checkpoint,
-    steps_per_epoch,
+    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, fold, load_checkpoint, save_checkpoint,
+    steps_per_epoch, weighted,
 )
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
-    CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, pack_examples,
-    weights_to_tensors,
+    APPLY, CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, pack_examples,
+    state_to_tensors,
 )
 
 LINK_PROBE_BYTES = 1 << 20
@@ -137,25 +144,38 @@ class _Member:
     cached: set[int] = field(default_factory=set)     # a pipeline cache holder: samples it cached
     samples: int = 0
     busy_s: float = 0.0
+    version: int | None = None            # steps its side chain replica has applied (None: none)
 
 
 def _tensor_bytes(tensors: dict | None) -> int:
     return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
 
 
-def assign_owners(n_samples: int, weights: dict[str, float]) -> dict[int, str]:
-    """Each sample to one device, in proportion to `weights` (the largest deficit first)."""
+def assign_owners(costs: list[tuple[float, float]], weights: dict[str, float], later_epochs: int = 0) -> dict[int, str]:
+    """Each sample to one device, so that the job's predicted time is shortest.
+
+    `costs[i]`: sample i's seconds in epoch 1 and in each later epoch on a device of weight 1
+    (a device of weight w takes 1/w of that). An epoch lasts as long as its busiest device. The
+    costliest samples go first, each where it lengthens the job least (then where its device's
+    load stays lowest, then by name). Samples differ: a long answer costs several short ones."""
     names = sorted(name for name, w in weights.items() if w > 0)
     if not names:
         raise HearthError("pooled training: no device can take a share of the samples")
-    total = sum(weights[n] for n in names)
-    counts = dict.fromkeys(names, 0)
+    first, later = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+
+    def job_s(to: str, cost: tuple[float, float]) -> float:
+        epoch1 = max((first[n] + (cost[0] if n == to else 0.0)) / weights[n] for n in names)
+        rest = max((later[n] + (cost[1] if n == to else 0.0)) / weights[n] for n in names)
+        return epoch1 + later_epochs * rest
+
     owners = {}
-    for i in range(n_samples):
-        name = max(names, key=lambda n: (weights[n] / total * (i + 1) - counts[n], weights[n], n))
+    for i in sorted(range(len(costs)), key=lambda i: (-(costs[i][0] + later_epochs * costs[i][1]), i)):
+        cost = costs[i]
+        name = min(names, key=lambda n: (job_s(n, cost), (first[n] + cost[0]) / weights[n], n))
         owners[i] = name
-        counts[name] += 1
-    return owners
+        first[name] += cost[0]
+        later[name] += cost[1]
+    return dict(sorted(owners.items()))
 
 
 def model_spec_for(backbone: Any, chain_parameters: int, tokens: int, taps: int) -> ModelSpec:
@@ -244,11 +264,14 @@ class _PooledJob:
             for d in devices
         ]
         self.owners: dict[int, str] = {}
+        self.sample_costs: list[tuple[float, float]] = []
         self.lost: list[str] = []
         self.rejoined: list[str] = []
         self.bytes = 0                              # tensor payload bytes to and from other devices
         self._bytes_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.members)), thread_name_prefix="pooled")
+        # A step keeps two requests per device in flight (its part, then the others' contributions).
+        self.pool = ThreadPoolExecutor(max_workers=2 * len(self.members) + 2, thread_name_prefix="pooled")
+        self.attempt = 0
         self._sha256: str | None = None
         self.plan: Plan | None = None
         self.pipelines: dict[str, Any] = {}        # cache holder -> its planner Unit (kind "pipeline")
@@ -337,16 +360,20 @@ class _PooledJob:
         trained = max(1, round(sum(e.trained_tokens for e in examples) / len(examples)))
         self._each(self._open)
         profiles: dict[str, tuple[PartProfile, float, float]] = {}
+        computed: dict[str, PartProfile] = {}
 
-        def measure(member: _Member) -> None:
-            profile = self._profile(member, tokens, trained)
-            bandwidth, latency = self._bandwidth(member)
-            profiles[member.name] = (profile, bandwidth, latency)
+        def compute(member: _Member) -> None:
+            computed[member.name] = self._profile(member, tokens, trained)
 
-        # One device at a time: a measurement should not share the cores with another one.
+        # Every device's compute at once, as the job will run them: devices that share a
+        # machine (or its memory bandwidth) see that contention, and a machine whose speed
+        # drifts is measured at one moment for all. The link one device at a time: the
+        # probes would share this device's link.
+        self._each(compute)
         for member in self._active():
             try:
-                measure(member)
+                bandwidth, latency = self._bandwidth(member)
+                profiles[member.name] = (computed[member.name], bandwidth, latency)
             except MemberLost as lost:
                 self._gone(lost.member, lost.reason)
         active = self._active()
@@ -374,7 +401,8 @@ class _PooledJob:
             m.in_pipeline = any(m.name in u.devices for u in self.pipelines.values())
             if m.name not in in_units:
                 m.state = "idle"
-        self.owners = assign_owners(len(examples), {m.name: m.speed for m in active})
+        self.sample_costs = self._sample_costs(profiles, tokens, trained)
+        self.owners = assign_owners(self.sample_costs, {m.name: m.speed for m in active}, self.spec.epochs - 1)
         for m in active:
             m.first_owned = {i for i, name in self.owners.items() if name == m.name}
         by_name = {m.name: m for m in active}
@@ -385,16 +413,30 @@ class _PooledJob:
         self._each(lambda m: self._send_samples(m, needs[m.name]), only=[m for m in active if needs[m.name]])
         return plan
 
+    def _sample_costs(self, profiles: dict[str, tuple[PartProfile, float, float]], tokens: int,
+                      trained: int) -> list[tuple[float, float]]:
+        """Each sample's (epoch 1, later epoch) seconds by this device's measurement (another's if
+        it has none): the backbone's per token of the sample, the adapters' per trained token."""
+        local = [m.name for m in self.members if m.local and m.name in profiles]
+        profile = profiles[(local or sorted(profiles))[0]][0]
+        per_token, per_trained = profile.forward_s / tokens, profile.adapter_s / trained
+        return [(len(e.input_ids) * per_token + e.trained_tokens * per_trained, e.trained_tokens * per_trained)
+                for e in self.run.examples]
+
     def _padded_length(self) -> int:
-        """Tokens per sample a forward really computes: samples are padded to the longest of
-        their batch (epoch 1's batches, split in halves as a device's part would be)."""
-        lengths = [len(e.input_ids) for e in self.run.examples]
-        padded = []
-        for batch in batch_plan(len(lengths), self.spec.batch_size, self.spec.seed, 0):
+        """Tokens per sample a forward really computes: a device's part of an epoch-1 batch (half
+        of it, here) goes through the backbone in passes of similar lengths, each padded to its
+        longest (`trainer.length_chunks`)."""
+        from training.trainer import length_chunks
+
+        examples = self.run.examples
+        padded, count = 0, 0
+        for batch in batch_plan(len(examples), self.spec.batch_size, self.spec.seed, 0):
             for part in (batch[: (len(batch) + 1) // 2], batch[(len(batch) + 1) // 2:]):
-                if part:
-                    padded.extend([max(lengths[i] for i in part)] * len(part))
-        return max(2, round(sum(padded) / len(padded)))
+                for chunk in length_chunks(examples, part, self.spec.batch_size):
+                    padded += len(chunk) * max(len(examples[i].input_ids) for i in chunk)
+                    count += len(chunk)
+        return max(2, round(padded / count))
 
     def _each(self, fn: Callable[[_Member], None], only: list[_Member] | None = None) -> None:
         """Run `fn` on every active member at once; a member that fails is marked gone."""
@@ -420,7 +462,8 @@ class _PooledJob:
         orphans = sorted(i for i, name in self.owners.items() if name not in live)
         if not orphans:
             return
-        taken = assign_owners(len(orphans), {n: m.speed for n, m in live.items()})
+        taken = assign_owners([self.sample_costs[i] for i in orphans], {n: m.speed for n, m in live.items()},
+                              self.spec.epochs - 1)
         for k, i in enumerate(orphans):
             self.owners[i] = taken[k]
         for m in live.values():
@@ -440,6 +483,7 @@ class _PooledJob:
             if peer is None:
                 continue
             member.peer, member.state, member.sent, member.cached = peer, "training", set(), set()
+            member.version = None
             try:
                 self._open(member)
                 self._send_samples(member, member.first_owned)
@@ -452,39 +496,94 @@ class _PooledJob:
             self.rejoined.append(member.name)
             self.emit(ProgressEvent("devices", message=f"{member.name} rejoined the job"))
 
-    def _step_parts(self, batch: list[int]) -> list[StepResult]:
-        weights = weights_to_tensors(self.run.trainable_state())
+    def _step_parts(self, batch: list[int]) -> tuple[float, dict[str, torch.Tensor]]:
+        """One try at the step: every device's part, and the others' contributions sent to each
+        device as soon as they are all in. Returns (loss, the summed gradients); MemberLost if a
+        device's part did not arrive (no device has applied anything of this try then: each
+        applies only once every other part is in)."""
+        self.attempt += 1
         parts: dict[str, list[int]] = {}
         for i in batch:
             parts.setdefault(self.owners[i], []).append(i)
         by_name = {m.name: m for m in self.members}
+        # The fixed order of the sum: this device first (it is sent nothing), then the others.
+        order = sorted(parts, key=lambda name: (not by_name[name].local, self.members.index(by_name[name])))
+        # Devices with no sample in this step still take the step (they get the sum), so their
+        # replica needs no resending of the whole state when they next have a part.
+        receivers = order + [m.name for m in self._active() if m.name not in parts and m.version == self.step]
+        tokens = {name: sum(self.run.examples[i].trained_tokens for i in parts[name]) for name in order}
+        total = sum(tokens.values())
         for m in self.members:
             m.last_share = len(parts.get(m.name, []))
+        contributions: dict[str, dict[str, torch.Tensor]] = {}
+        summed: dict[str, dict[str, torch.Tensor]] = {}
+        applies: dict[str, Any] = {}
+        lock = threading.Lock()
+
+        def apply_on(name: str) -> None:
+            # Everything in: the sum itself. Else (this device finishes last) the others' part,
+            # sent while its own is still on the way: the running total of the devices before
+            # it and each later one, which it adds around its own in the same order.
+            with lock:
+                if len(contributions) == len(order):
+                    if "total" not in summed:
+                        summed["total"] = fold([contributions[o] for o in order])
+                    tensors, after = {f"t.{k}": v for k, v in summed["total"].items()}, 0
+                else:
+                    j = order.index(name)
+                    tensors = {f"p.{k}": v for k, v in fold([contributions[o] for o in order[:j]]).items()} if j else {}
+                    for k, later in enumerate(order[j + 1:]):
+                        tensors.update({f"a{k}.{n}": v for n, v in contributions[later].items()})
+                    after = len(order) - j - 1
+            fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "after": after}
+            self._call(by_name[name], APPLY, fields, tensors or None, timeout=self.step_timeout_s)
+            by_name[name].version = self.step + 1
 
         def one(name: str) -> StepResult:
             member = by_name[name]
             started = time.perf_counter()
             if name in self.pipelines:
                 self._fill_pipeline(member, [i for i in parts[name] if i not in member.cached])
-            reply = self._call(member, STEP, {"job": self.job_id, "step": self.step, "indices": parts[name]},
-                               weights, timeout=self.step_timeout_s)
+            fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "indices": parts[name],
+                      "total_tokens": total}
+            state = None
+            if member.version != self.step:
+                sync_fields, state = state_to_tensors(self.run.trainable_state(), self.run.optimizer)
+                fields.update(sync_fields)
+            reply = self._call(member, STEP, fields, state, timeout=self.step_timeout_s)
             member.busy_s += time.perf_counter() - started
             member.samples += len(parts[name])
-            return StepResult.from_reply(reply.fields, reply.tensors)
+            result = StepResult.from_reply(reply.fields, reply.tensors)
+            if result.tokens != tokens[name]:
+                raise HearthError(f"pooled training: {name} trained {result.tokens} target tokens of step "
+                                  f"{self.step}, its samples have {tokens[name]}")
+            with lock:
+                contributions[name] = weighted(result.grads, result.tokens / total)
+                ready = [x for x in receivers if x not in applies and all(o in contributions for o in order if o != x)]
+                for x in ready:
+                    applies[x] = self.pool.submit(apply_on, x)
+            return result
 
-        futures = [(name, self.pool.submit(one, name)) for name in parts]
+        futures = [(name, self.pool.submit(one, name)) for name in order]
         results, lost = [], []
         for name, future in futures:
             try:
                 results.append(future.result())
             except MemberLost as exc:
                 lost.append(exc)
-        if lost:
-            for exc in lost:
-                self._gone(exc.member, exc.reason)
+        with lock:
+            started_applies = list(applies.values())
+        for future in started_applies:
+            try:
+                future.result()
+            except MemberLost as exc:
+                lost.append(exc)
+        for exc in lost:
+            self._gone(exc.member, exc.reason)
+        if len(contributions) < len(order):
             raise lost[0]
-        return results
-
+        loss = sum(r.loss * r.tokens for r in results) / total
+        return loss, summed.get("total") or fold([contributions[o] for o in order])
     def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
         """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
         (and the taps so far) on, through the coordinator; the last stage caches them."""
@@ -505,16 +604,14 @@ class _PooledJob:
     def step_once(self, batch: list[int]) -> float:
         """One global step, applied exactly once: parts are recomputed until all of them arrive."""
         while True:
+            gone = {m.name for m in self.members if m.state == "gone"}
+            if any(self.owners[i] in gone for i in batch):   # left after its last part arrived
+                self._reassign()
             try:
-                results = self._step_parts(batch)
+                loss, grads = self._step_parts(batch)
                 break
             except MemberLost:
                 self._reassign()
-        tokens = sum(r.tokens for r in results)
-        grads = {}
-        for name in results[0].grads:
-            grads[name] = sum(r.grads[name] * (r.tokens / tokens) for r in results)
-        loss = sum(r.loss * r.tokens for r in results) / tokens
         apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm)
         return loss
 

@@ -34,7 +34,7 @@ from core.paths import hearth_paths
 from training.activation_cache import ActivationCache, CacheKey, tokenizer_fingerprint
 from training.data import Example, collate, examples_fingerprint, read_conversations, tokenize
 from training.job import (
-    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint,
+    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, make_optimizer,
     pac_gradients, save_checkpoint, steps_per_epoch,
 )
 from training.model_store import MANIFEST, PersonalModel, resolve
@@ -131,7 +131,7 @@ class _Run:
         torch.manual_seed(spec.seed)
         self.module = self._build_module()
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        self.optimizer = make_optimizer(params, spec)
 
     def _build_module(self) -> Any:
         spec, model = self.spec, self.backbone.model
@@ -279,18 +279,33 @@ def taps_at_labels(model: Any, chain_config: Any, examples: list[Example], indic
     return list(torch.split(selected, counts)), list(torch.split(targets, counts))
 
 
+def length_chunks(examples: list[Example], indices: list[int], batch_size: int) -> list[list[int]]:
+    """`indices` cut into the backbone passes of epoch 1: sorted by length, so each pass pads its
+    samples to about their own length (one long answer no longer pads a whole batch), and each
+    pass at most `batch_size` samples of average length in padded tokens (an ordinary batch's
+    memory), at least one sample."""
+    lengths = {i: len(examples[i].input_ids) for i in indices}
+    if not lengths:
+        return []
+    budget = batch_size * sum(lengths.values()) / len(lengths)
+    chunks: list[list[int]] = [[]]
+    for i in sorted(indices, key=lambda i: (lengths[i], i)):
+        if chunks[-1] and (len(chunks[-1]) + 1) * lengths[i] > budget:   # sorted: i is the longest
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
 def fill_shard(cache: ActivationCache, shard: int, model: Any, chain_config: Any, examples: list[Example],
                batch_size: int, pad_id: int) -> None:
     """Epoch 1's work for one shard of samples: backbone forward, then one atomic shard write.
     A mesh worker given a shard index runs exactly this."""
     indices = list(cache.shard_range(shard))
-    acts, targets = [], []
-    for start in range(0, len(indices), batch_size):
-        part, part_targets = taps_at_labels(model, chain_config, examples, indices[start : start + batch_size],
-                                            pad_id, per_sample=True)
-        acts.extend(part)
-        targets.extend(part_targets)
-    cache.write_shard(shard, acts, targets)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for chunk in length_chunks(examples, indices, batch_size):
+        part, part_targets = taps_at_labels(model, chain_config, examples, chunk, pad_id, per_sample=True)
+        found.update(zip(chunk, zip(part, part_targets)))
+    cache.write_shard(shard, [found[i][0] for i in indices], [found[i][1] for i in indices])
 
 
 def save_side_chain(chain: Any, folder: Path) -> None:

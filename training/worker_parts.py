@@ -14,16 +14,27 @@ fields, tensors) -> (fields, tensors)`:
 - `pac.stage`  pipeline stage (a device too small for the whole backbone): run decoder layers
                first..last on token ids (first stage) or on the previous stage's activations; the
                last stage stores the taps in its activation cache.
-- `pac.step`   with the coordinator's current adapter weights: for each given sample, the
-               activation cache entry (backbone forward on first use: epoch 1, or a sample
-               re-assigned from a device that left), then loss and adapter gradients
-               (`job.pac_gradients`) over this device's part of the global batch.
+- `pac.step`   for each given sample, the activation cache entry (backbone forward on first
+               use: epoch 1, or a sample re-assigned from a device that left), then loss and
+               adapter gradients (`job.pac_gradients`) over this device's part of the global
+               batch, computed with this device's replica of the side chain. A step may carry
+               the coordinator's whole state (weights and optimiser moments) to (re)start the
+               replica: the first step, after a resume, for a device that rejoins.
+- `pac.apply`  the step's summed gradients, or, when this device's part is the last one still on
+               its way, the others' contributions: the coordinator's running total of the
+               devices before this one (in the step's fixed order) and each later one's; the
+               replica adds its own in between (`job.fold`: the coordinator's exact sum). Then it
+               takes the optimiser step the coordinator takes.
 - `pac.close`  forget the job.
 
-The step is stateless apart from the cache: weights arrive with every step, so a device that
-leaves loses nothing the coordinator needs, and a step redone on other devices gives the same
-gradients. The cache rounds activations to `spec.cache_dtype` exactly as the single-device
-activation cache does, so pooled and single-device runs see the same numbers.
+Why replicas: only gradients cross the link. The coordinator sends a device the others'
+contributions as soon as they are in, often while that device is still computing, so on a
+full-duplex link a step costs one transfer each way at the same time, not weights out and
+gradients back one after the other. Every replica applies the same float32 sum with the same
+optimiser, so it holds the coordinator's weights bit for bit; a device that leaves loses nothing
+the coordinator needs, and a step redone on other devices gives the same gradients. The cache
+rounds activations to `spec.cache_dtype` exactly as the single-device activation cache does, so
+pooled and single-device runs see the same numbers.
 
 This module sends and receives nothing itself: mesh/job_parts.py calls it for requests from
 paired devices, and the coordinator calls it directly for its own share. Only PAC is pooled.
@@ -45,9 +56,13 @@ import torch
 from core.digest import file_sha256
 from core.errors import HearthError
 from training.data import Example
-from training.job import JobSpec, pac_gradients
+from training.job import (
+    JobSpec, apply_gradients, fold, make_optimizer, optimizer_from_tensors, optimizer_to_tensors, pac_gradients,
+    weighted,
+)
 
 from training.open_jobs import OpenJobs
+from training.part_fields import PAC_APPLY as APPLY
 from training.part_fields import PAC_CLOSE as CLOSE
 from training.part_fields import PAC_OPEN as OPEN
 from training.part_fields import PAC_PROFILE as PROFILE
@@ -57,6 +72,7 @@ from training.part_fields import PAC_STAGE as STAGE
 from training.part_fields import PAC_STEP as STEP
 
 MAX_JOBS = 4                 # open jobs per device (a coordinator that crashed leaves one behind)
+APPLY_WAIT_S = 600.0         # how long `pac.apply` waits for this device's own part of the step
 # The tap hooks sit on the shared backbone module: two forwards at once would mix their taps.
 _FORWARD_LOCK = threading.Lock()
 
@@ -94,6 +110,14 @@ def unpack_examples(tensors: dict[str, Any] | None) -> dict[int, Example]:
 
 def weights_to_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"w.{k}": v.detach().contiguous() for k, v in weights.items()}
+
+
+def state_to_tensors(weights: dict[str, torch.Tensor], optimizer: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The coordinator's whole training state for a replica: (fields, tensors)."""
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
+    tensors = weights_to_tensors(weights)
+    tensors.update(opt_tensors)
+    return {"sync": True, "optimizer": json.dumps(opt_meta)}, tensors
 
 
 @dataclass
@@ -168,6 +192,12 @@ class WorkerJob:
         # activation cache (PAC), in memory for the job's life: sample -> (taps, targets)
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lock = threading.Lock()
+        # The replica: the optimiser, the steps it has applied (None: not yet given the
+        # coordinator's state), and this device's contribution to the step in progress.
+        self.optimizer = make_optimizer(self.chain.parameters(), spec)
+        self.version: int | None = None
+        self.pending: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+        self.changed = threading.Condition(self.lock)
 
     def add_samples(self, examples: dict[int, Example]) -> int:
         for index, example in examples.items():
@@ -177,43 +207,84 @@ class WorkerJob:
         return len(self.examples)
 
     def fill_cache(self, indices: list[int]) -> float:
-        """Backbone forward for the samples not cached yet, `batch_size` at a time (epoch 1)."""
-        from training.data import collate
-        from training.parallel_adapters import backbone_taps, labelled_positions
+        """Backbone forward for the samples not cached yet, in passes of about `batch_size`
+        samples' tokens, shortest first (epoch 1)."""
+        from training.trainer import length_chunks, taps_at_labels
 
         todo = [i for i in indices if i not in self.cache]
         missing = [i for i in todo if i not in self.examples]
         if missing:
             raise ValueError(f"pac.step: samples {missing[:5]} were never sent to this device")
         started = time.perf_counter()
-        for start in range(0, len(todo), self.spec.batch_size):
-            part = todo[start:start + self.spec.batch_size]
-            batch = collate([self.examples[i] for i in part], self.pad_id)
+        for chunk in length_chunks(self.examples, todo, self.spec.batch_size):
             with _FORWARD_LOCK:
-                taps, _ = backbone_taps(self.backbone.model, self.config, batch.input_ids, batch.attention_mask)
-            rows, cols, targets = labelled_positions(batch)
-            selected = as_cached(taps[rows, cols], self.spec.cache_dtype)
-            counts = torch.bincount(rows, minlength=len(part)).tolist()
-            for i, t, y in zip(part, torch.split(selected, counts), torch.split(targets, counts)):
-                self.cache[i] = (t.contiguous(), y.contiguous())
+                taps, targets = taps_at_labels(self.backbone.model, self.config, self.examples, chunk, self.pad_id,
+                                               per_sample=True)
+            for i, t, y in zip(chunk, taps, targets):
+                self.cache[i] = (as_cached(t, self.spec.cache_dtype).contiguous(), y.contiguous())
         return time.perf_counter() - started
 
-    def step(self, indices: list[int], weights: dict[str, torch.Tensor]) -> StepResult:
+    def step(self, step: int, attempt: int, indices: list[int], total_tokens: int,
+             state: tuple[dict[str, torch.Tensor], dict] | None = None) -> StepResult:
+        """This device's part of global step `step` (the `attempt`-th try of it): loss and mean
+        gradients over `indices`; its contribution (share `tokens / total_tokens`) waits for
+        `apply`. `state` (weights, optimiser state_dict) restarts the replica at `step`."""
         with self.lock:
             forward_s = self.fill_cache(indices)
-            params = dict(self.chain.named_parameters())
-            unknown = set(weights) - set(params)
-            if unknown or len(weights) != len(params):
-                raise ValueError("pac.step: the weights do not match this job's side chain")
-            with torch.no_grad():
-                for name, value in weights.items():
-                    params[name].copy_(value)
+            if state is not None:
+                self._load_state(*state)
+                self.version = step
+            if self.version != step:
+                raise ValueError(f"pac.step: this device's side chain is at step {self.version}, not {step}")
             started = time.perf_counter()
             taps = torch.cat([self.cache[i][0] for i in indices])
             targets = torch.cat([self.cache[i][1] for i in indices])
+            if not 0 < targets.numel() <= total_tokens:
+                raise ValueError(f"pac.step: {targets.numel()} target tokens here, {total_tokens} in the whole step")
             loss, grads = pac_gradients(self.backbone.model, self.chain, taps, targets)
+            self.pending = ((step, attempt), weighted(grads, targets.numel() / total_tokens))
+            self.changed.notify_all()
             return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
                               time.perf_counter() - started)
+
+    def apply(self, step: int, attempt: int, before: dict[str, torch.Tensor] | None,
+              after: list[dict[str, torch.Tensor]], total: dict[str, torch.Tensor] | None = None,
+              wait_s: float = APPLY_WAIT_S) -> None:
+        """Take step `step`'s optimiser step with the step's `total` when the coordinator had
+        every part, else with `before` (the devices ahead of this one, summed) + this device's
+        own contribution + each of `after`, added in that order."""
+        with self.changed:
+            names = {name for name, _ in self.chain.named_parameters()}
+            terms = [total] if total else ([before] if before else []) + after
+            if any(set(term) != names for term in terms):
+                raise ValueError("pac.apply: the contributions do not match this job's side chain")
+            if total is None:
+                if not self.changed.wait_for(lambda: self.pending is not None and self.pending[0] == (step, attempt),
+                                             wait_s):
+                    raise ValueError(f"pac.apply: no part of step {step} (try {attempt}) was computed here")
+                terms = ([before] if before else []) + [self.pending[1]] + after
+            if self.version != step:
+                raise ValueError(f"pac.apply: this device's side chain is at step {self.version}, not {step}")
+            apply_gradients(self.chain, self.optimizer, fold(terms), self.spec.max_grad_norm)
+            self.version, self.pending = step + 1, None
+
+    def _load_state(self, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        params = dict(self.chain.named_parameters())
+        if set(weights) != set(params):
+            raise ValueError("pac.step: the weights do not match this job's side chain")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        # Copies: the coordinator's own device gets the very tensors its optimiser keeps, and
+        # load_state_dict would share them.
+        state = {"state": {index: {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+                           for index, values in optimizer_state.get("state", {}).items()},
+                 "param_groups": optimizer_state.get("param_groups", [])}
+        try:
+            self.optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"pac.step: bad optimiser state ({exc})") from None
+        self.pending = None
 
     def stage(self, first: int, last: int, indices: list[int] | None, tensors: dict[str, torch.Tensor],
               cache: bool) -> dict[str, torch.Tensor]:
@@ -282,14 +353,17 @@ class WorkerJob:
     def profile(self, tokens: int, trained: int | None = None, samples: int = 2, repeats: int = 3) -> PartProfile:
         """Time a forward on random token ids of a typical (padded) sample's length, and an
         adapter step on `trained` positions per sample (the ones that carry a label); the
-        median of `repeats`, so a moment's contention neither inflates nor hides the speed."""
+        median of `repeats` after one untimed round (first calls allocate), so a moment's
+        contention neither inflates nor hides the speed. The plan splits the samples by these
+        figures: on two equal devices measured one after the other without the warm-up, they
+        differed by up to 11%."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (samples, max(2, tokens)), generator=generator)
         forwards, adapters = [], []
-        for _ in range(repeats):
+        for _ in range(repeats + 1):
             with _FORWARD_LOCK:
                 started = time.perf_counter()
                 taps, _ = backbone_taps(self.backbone.model, self.config, ids)
@@ -299,7 +373,7 @@ class WorkerJob:
             started = time.perf_counter()
             pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1)[:positions])
             adapters.append((time.perf_counter() - started) / samples)
-        return PartProfile(statistics.median(forwards), statistics.median(adapters), available_memory(),
+        return PartProfile(statistics.median(forwards[1:]), statistics.median(adapters[1:]), available_memory(),
                            torch.get_num_threads())
 
 
@@ -353,8 +427,30 @@ class WorkerJobs:
             indices = fields.get("indices")
             if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
                 raise ValueError("pac.step: field 'indices' must be a non-empty list of sample numbers")
-            weights = {k[2:]: v for k, v in (tensors or {}).items() if k.startswith("w.")}
-            return job.step(indices, weights).to_reply()
+            total = _positive_int(fields, "total_tokens")
+            state = None
+            if fields.get("sync"):
+                try:
+                    meta = json.loads(fields["optimizer"])
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError("pac.step: a sync needs the optimiser's state as JSON in 'optimizer'") from None
+                tensors = tensors or {}
+                weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+                state = (weights, optimizer_from_tensors(tensors, meta))
+            return job.step(fields["step"], _attempt(fields), indices, total, state).to_reply()
+        if type == APPLY:
+            count = fields.get("after", 0)
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 64:
+                raise ValueError("pac.apply: field 'after' must be a small count")
+            tensors = tensors or {}
+            before = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")} or None
+            total = {k[2:]: v for k, v in tensors.items() if k.startswith("t.")} or None
+            after = []
+            for k in range(count):
+                prefix = f"a{k}."
+                after.append({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
+            job.apply(fields["step"], _attempt(fields), before, after, total)
+            return {"applied": fields["step"]}, None
         if type == STAGE:
             indices = fields.get("indices")
             if indices is not None and (not isinstance(indices, list) or not all(isinstance(i, int) for i in indices)):
@@ -404,3 +500,17 @@ class WorkerJobs:
         backbone = load_backbone(str(path), spec.quant)
         self._backbones = {key: backbone}   # one base model in memory at a time
         return backbone
+
+
+def _positive_int(fields: dict, name: str) -> int:
+    value = fields.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"pac: field {name!r} must be a positive whole number")
+    return value
+
+
+def _attempt(fields: dict) -> int:
+    value = fields.get("attempt", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("pac: field 'attempt' must be a whole number")
+    return value
