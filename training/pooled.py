@@ -584,6 +584,7 @@ class _PooledJob:
             raise lost[0]
         loss = sum(r.loss * r.tokens for r in results) / total
         return loss, summed.get("total") or fold([contributions[o] for o in order])
+
     def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
         """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
         (and the taps so far) on, through the coordinator; the last stage caches them."""
