@@ -5,8 +5,9 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
    measures each one (`pac.profile`: forward and adapter seconds per sample, memory; a timed
    payload for the link) and asks the planner (training/planner.py) for a plan, which the caller
    shows before anything else happens (devices, shares, predicted step time, who gets the data);
-2. gives each device the samples it owns (token ids, in proportion to the plan's shares; a device
-   with no share receives nothing), and nothing else of the job's data;
+2. gives each device the samples it owns (token ids; each sample placed by its estimated cost,
+   `assign_owners`, so a device's work follows its measured speed; a device with no share
+   receives nothing), and nothing else of the job's data;
 3. runs the global steps of `job.batch_plan` in order. Each step sends every device its owned
    samples of the batch; the device answers loss and gradients (`job.pac_gradients`) computed
    with its replica of the side chain, running the backbone only for samples it has not cached
