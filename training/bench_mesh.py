@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     # unevenly between the devices' own samples, and the larger part sets the step's time.
     # 128: a step's adapter work (about 9 s on one core here) against one 3.4 MB transfer;
     # at 64 the ratios swing with a few samples more on one side (docs/pooled.md).
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch (default 128: one step per epoch)")
     parser.add_argument("--rate", default="100mbit", help="tbf rate of the link (default 100mbit)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the throughputs into this PNG")
 
