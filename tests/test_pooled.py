@@ -399,6 +399,66 @@ def test_samples_are_owned_by_what_they_cost_not_by_count():
     assert later == {"a": 4.0, "b": 4.0}
 
 
+def test_rebalance_moves_samples_from_the_slower_device_while_it_pays():
+    """Epoch 1 measured device a at 2 s per trained token and b at 1 s: one of a's samples goes
+    to b (a: 200, b: 300 seconds, down from 400), a second would make b the slower one."""
+    from training.pooled import rebalance
+
+    tokens = dict.fromkeys(range(4), 100)
+    owners = {0: "a", 1: "a", 2: "b", 3: "b"}
+    free = lambda i, src, dst: 0.0  # noqa: E731
+    assert rebalance(tokens, owners, {"a": 2.0, "b": 1.0}, 2, free) == {0: "b"}
+    # A move that costs more than the epochs left gain is not made; nor one between equals.
+    assert rebalance(tokens, owners, {"a": 2.0, "b": 1.0}, 2, lambda i, src, dst: 201.0) == {}
+    assert rebalance(tokens, owners, {"a": 1.0, "b": 1.0}, 9, free) == {}
+    # Small samples even out a small difference, but not below half a percent (noise).
+    tokens = {i: 10 for i in range(40)}
+    owners = {i: "a" if i < 20 else "b" for i in range(40)}
+    moved = rebalance(tokens, owners, {"a": 1.1, "b": 1.0}, 3, free)
+    assert set(moved.values()) == {"b"} and len(moved) == 1
+    assert rebalance(tokens, owners, {"a": 1.004, "b": 1.0}, 3, free) == {}
+    # Only devices with a rate take part: a sample of a device that left stays where it is.
+    assert rebalance({0: 5, 1: 5}, {0: "a", 1: "gone"}, {"a": 1.0, "b": 1.0}, 3, free) == {}
+
+
+def test_later_epochs_are_rebalanced_by_measured_speed_with_the_cache_moved_not_recomputed(
+        notes, stories_gguf, backbone, hearth_home):
+    """A device whose adapter steps report four times the time (a slow device, made so here by
+    scaling what it reports) gives samples to the others after epoch 1. Their cache entries
+    travel: no device runs the backbone after epoch 1, and the result is still the single run's."""
+    from training.local_peer import LocalPeer
+    from training.pooled import JobDevice, train_pooled
+    from training.worker_parts import STEP, WorkerJobs
+
+    recomputed: dict[str, list[int]] = {}
+
+    class Measured(WorkerJobs):
+        def handle(self, owner, type, fields, tensors):
+            if type == STEP and fields["step"] >= 4:      # after epoch 1 (4 steps per epoch)
+                job = self.jobs.get(owner, fields["job"])
+                recomputed.setdefault(self.name, []).extend(i for i in fields["indices"] if i not in job.cache)
+            reply, out = super().handle(owner, type, fields, tensors)
+            if type == STEP and self.name == "slow":
+                reply = dict(reply, adapter_s=reply["adapter_s"] * 4)
+            return reply, out
+
+    devices = [JobDevice("this")]
+    for name in ("slow", "fast"):
+        jobs = Measured(local_backbone=backbone)
+        jobs.name = name
+        devices.append(JobDevice(name, LocalPeer(jobs)))
+    spec = _spec(notes, stories_gguf, "pooled-rebalance", epochs=3)
+    events = []
+    pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
+    moves = [e.message for e in events if e.phase == "devices" and "moved" in (e.message or "")]
+    assert any(" from slow " in m for m in moves), moves
+    assert recomputed and not any(recomputed.values()), recomputed
+    owned = {d.name: d.owned for d in [e for e in events if e.phase == "train"][-1].devices}
+    assert sum(owned.values()) == 20
+    single = _single(spec, backbone)
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+
+
 def test_only_pac_jobs_with_the_cache_are_pooled(notes, stories_gguf, hearth_home):
     from training.pooled import JobDevice, train_pooled
 

@@ -147,6 +147,8 @@ def run(args) -> dict:
         "prediction_error": round(abs(predicted[1] - measured_later) / measured_later, 3),
         "prediction_error_epoch1": round(abs(predicted[0] - pooled["epoch_step_s"][0]) / pooled["epoch_step_s"][0], 3),
         "plan": pooled["plan"],
+        # After epoch 1, samples' cache entries moved by each device's measured adapter speed.
+        "rebalanced": pooled["rebalanced"],
         "single_final_loss": single.final_loss, "pooled_final_loss": pooled["loss"],
         "targets": {"later_epochs_speedup": 1.8, "epoch1_speedup": 1.6, "prediction_error": 0.25},
         # Other processes on the machine skew every ratio here: read them with the load beside.
@@ -209,8 +211,10 @@ def _pooled_run(args, spec, root: Path) -> dict:
         events = [json.loads(line) for line in job.lines if line.startswith("{")]
         plan = next(e for e in events if e.get("phase") == "plan")
         done = events[-1]
+        moves = [e["message"] for e in events if e.get("phase") == "devices" and "moved" in (e.get("message") or "")]
         return {"epoch_step_s": done["epoch_step_s"], "bytes_per_step": done["bytes_per_step"],
-                "predicted_step_s": done["predicted_step_s"], "plan": plan["message"], "loss": done.get("loss")}
+                "predicted_step_s": done["predicted_step_s"], "plan": plan["message"], "loss": done.get("loss"),
+                "rebalanced": moves}
     finally:
         for proc in reversed(procs):
             proc.stop()

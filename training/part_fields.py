@@ -14,6 +14,7 @@ from pathlib import Path
 
 PAC_OPEN, PAC_PROFILE, PAC_SINK, PAC_SAMPLES = "pac.open", "pac.profile", "pac.sink", "pac.samples"
 PAC_STEP, PAC_APPLY, PAC_STAGE, PAC_CLOSE = "pac.step", "pac.apply", "pac.stage", "pac.close"
+PAC_CACHE_OUT, PAC_CACHE_IN = "pac.cache_out", "pac.cache_in"
 FED_INFO, FED_OPEN, FED_ROUND, FED_CLOSE = "fed.info", "fed.open", "fed.round", "fed.close"
 
 PAC_FIELDS: dict[str, dict[str, type]] = {
@@ -25,6 +26,8 @@ PAC_FIELDS: dict[str, dict[str, type]] = {
     PAC_APPLY: {"job": str, "step": int},
     PAC_STAGE: {"job": str, "first": int, "last": int},
     PAC_CLOSE: {"job": str},
+    PAC_CACHE_OUT: {"job": str, "indices": list},
+    PAC_CACHE_IN: {"job": str},
 }
 FED_FIELDS: dict[str, dict[str, type]] = {
     FED_INFO: {},

@@ -66,8 +66,8 @@ from training.job import (
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
-    APPLY, CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult, WorkerJobs, pack_examples,
-    state_to_tensors,
+    APPLY, CACHE_IN, CACHE_OUT, CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult,
+    WorkerJobs, pack_examples, state_to_tensors,
 )
 
 LINK_PROBE_BYTES = 1 << 20
@@ -146,6 +146,10 @@ class _Member:
     samples: int = 0
     busy_s: float = 0.0
     version: int | None = None            # steps its side chain replica has applied (None: none)
+    computed: set[int] = field(default_factory=set)   # samples it has trained (so cached) since it opened
+    adapter_s: float = 0.0                # epoch 1: adapter seconds over `trained` target tokens
+    trained: int = 0
+    bandwidth: float = LOCAL_BANDWIDTH    # bytes per second to it (the plan's measurement)
 
 
 def _tensor_bytes(tensors: dict | None) -> int:
@@ -177,6 +181,52 @@ def assign_owners(costs: list[tuple[float, float]], weights: dict[str, float], l
         first[name] += cost[0]
         later[name] += cost[1]
     return dict(sorted(owners.items()))
+
+
+def rebalance(tokens: dict[int, int], owners: dict[int, str], rates: dict[str, float], epochs: int,
+              move_s: Callable[[int, str, str], float]) -> dict[int, str]:
+    """New owners for some samples, so the later epochs' adapter work ends at the same time.
+
+    `tokens[i]`: sample i's trained tokens; `owners[i]`: the device caching it; `rates[name]`: a
+    device's measured adapter seconds per trained token; `epochs`: how many epochs the placement
+    serves; `move_s(i, src, dst)`: seconds to carry i's cache entry over. One sample at a time
+    leaves the busiest device for the one where it shortens the epoch most, while what the
+    `epochs` gain is more than the move costs, and by at least half a percent (the rates are
+    measurements: a smaller gain is noise). Returns {sample: new owner} for the moved ones."""
+    names = sorted(rates)
+    owned: dict[str, dict[int, list[int]]] = {n: {} for n in names}   # device -> token count -> samples
+    loads = dict.fromkeys(names, 0.0)
+    for i, name in owners.items():
+        if name in rates:
+            owned[name].setdefault(tokens[i], []).append(i)
+            loads[name] += rates[name] * tokens[i]
+    moved: dict[int, str] = {}
+    for _ in range(len(owners)):
+        src = max(names, key=lambda n: (loads[n], n))
+        now = loads[src]
+        best: tuple[float, float, int, str] | None = None
+        for dst in names:
+            if dst == src:
+                continue
+            others = max([loads[n] for n in names if n not in (src, dst)], default=0.0)
+            for count, samples in owned[src].items():
+                i = min(samples)
+                after = max(loads[src] - rates[src] * count, loads[dst] + rates[dst] * count, others)
+                gain = (now - after) * epochs - move_s(i, src, dst)
+                if now - after >= 0.005 * now and gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, after, i, dst)
+        if best is None:
+            break
+        _, _, i, dst = best
+        count = tokens[i]
+        owned[src][count].remove(i)
+        if not owned[src][count]:
+            del owned[src][count]
+        owned[dst].setdefault(count, []).append(i)
+        loads[src] -= rates[src] * count
+        loads[dst] += rates[dst] * count
+        moved[i] = dst
+    return {i: dst for i, dst in moved.items() if dst != owners[i]}
 
 
 def model_spec_for(backbone: Any, chain_parameters: int, tokens: int, taps: int) -> ModelSpec:
@@ -273,6 +323,8 @@ class _PooledJob:
         # A step keeps two requests per device in flight (its part, then the others' contributions).
         self.pool = ThreadPoolExecutor(max_workers=2 * len(self.members) + 2, thread_name_prefix="pooled")
         self.attempt = 0
+        self.step = 0
+        self.per_epoch = steps_per_epoch(len(run.examples), spec.batch_size)
         self._sha256: str | None = None
         self.plan: Plan | None = None
         self.pipelines: dict[str, Any] = {}        # cache holder -> its planner Unit (kind "pipeline")
@@ -386,6 +438,7 @@ class _PooledJob:
         planner_devices = []
         for m in active:
             profile, bandwidth, latency = profiles[m.name]
+            m.bandwidth = bandwidth
             if m.local:
                 bandwidth = own_link      # the coordinator's sends cross its own link
             planner_devices.append(DeviceProfile(
@@ -484,7 +537,7 @@ class _PooledJob:
             if peer is None:
                 continue
             member.peer, member.state, member.sent, member.cached = peer, "training", set(), set()
-            member.version = None
+            member.version, member.computed = None, set()
             try:
                 self._open(member)
                 self._send_samples(member, member.first_owned)
@@ -496,6 +549,51 @@ class _PooledJob:
                 self.owners[i] = member.name
             self.rejoined.append(member.name)
             self.emit(ProgressEvent("devices", message=f"{member.name} rejoined the job"))
+
+    def _rebalance(self, epochs: int) -> None:
+        """After epoch 1: move a few samples' cache entries from the devices whose adapter steps
+        were slower than planned to the faster ones (`rebalance`), so the `epochs` left, which
+        run adapters only, are even. The plan split the samples by a short profile; epoch 1
+        measured each device over its whole share. Only devices that trained all their samples
+        take part (one that rejoined has no cache yet); a device that fails is marked gone, and
+        the samples it held are re-assigned by the next step as usual."""
+        ready = [m for m in self._active() if m.state == "training" and not m.in_pipeline and m.trained > 0
+                 and all(i in m.computed for i, name in self.owners.items() if name == m.name)]
+        if len(ready) < 2 or epochs < 1:
+            return
+        by_name = {m.name: m for m in ready}
+        examples = self.run.examples
+        config = self.run.chain_config
+        value_bytes = 2 if self.spec.cache_dtype == "float16" else 4
+        per_token = len(config.taps) * config.hidden_size * value_bytes + 8
+
+        def move_s(i: int, src: str, dst: str) -> float:
+            # Through the coordinator: in from the source, out to the destination.
+            size = examples[i].trained_tokens * per_token
+            return size / by_name[src].bandwidth + size / by_name[dst].bandwidth
+
+        tokens = {i: examples[i].trained_tokens for i, name in self.owners.items() if name in by_name}
+        moves = rebalance(tokens, {i: self.owners[i] for i in tokens},
+                          {m.name: m.adapter_s / m.trained for m in ready}, epochs, move_s)
+        pairs: dict[tuple[str, str], list[int]] = {}
+        for i, dst in sorted(moves.items()):
+            pairs.setdefault((self.owners[i], dst), []).append(i)
+        for (src, dst), indices in pairs.items():
+            source, target = by_name[src], by_name[dst]
+            if source.state == "gone" or target.state == "gone":
+                continue
+            try:
+                entries = self._call(source, CACHE_OUT, {"job": self.job_id, "indices": indices}, timeout=120).tensors
+                self._send_samples(target, set(indices))
+                self._call(target, CACHE_IN, {"job": self.job_id}, entries, timeout=120)
+            except MemberLost as lost:
+                self._gone(lost.member, lost.reason)
+                continue
+            for i in indices:
+                self.owners[i] = dst
+            target.computed |= set(indices)
+            self.emit(ProgressEvent("devices", message=f"moved {len(indices)} samples' cache from {src} to {dst}: "
+                                                       "the later epochs balanced by measured speed"))
 
     def _step_parts(self, batch: list[int]) -> tuple[float, dict[str, torch.Tensor]]:
         """One try at the step: every device's part, and the others' contributions sent to each
@@ -558,6 +656,10 @@ class _PooledJob:
             if result.tokens != tokens[name]:
                 raise HearthError(f"pooled training: {name} trained {result.tokens} target tokens of step "
                                   f"{self.step}, its samples have {tokens[name]}")
+            member.computed |= set(parts[name])
+            if self.step < self.per_epoch:      # epoch 1's adapter speed decides the rebalance
+                member.adapter_s += result.adapter_s
+                member.trained += result.tokens
             with lock:
                 contributions[name] = weighted(result.grads, result.tokens / total)
                 ready = [x for x in receivers if x not in applies and all(o in contributions for o in order if o != x)]
@@ -641,6 +743,8 @@ class _PooledJob:
             epoch = step // per_epoch
             if step % per_epoch == 0 and step > 0:
                 self._take_back()
+                if step == per_epoch:
+                    self._rebalance(-(-(total - step) // per_epoch))
             self.step = step
             batch = batch_plan(n, spec.batch_size, spec.seed, epoch)[step % per_epoch]
             losses.append(self.step_once(batch))

@@ -25,6 +25,9 @@ fields, tensors) -> (fields, tensors)`:
                devices before this one (in the step's fixed order) and each later one's; the
                replica adds its own in between (`job.fold`: the coordinator's exact sum). Then it
                takes the optimiser step the coordinator takes.
+- `pac.cache_out` / `pac.cache_in`  hand activation cache entries of some samples over, from
+               one device to another through the coordinator (who rebalances the later epochs by
+               each device's measured adapter speed); float16 entries travel as float16, exactly.
 - `pac.close`  forget the job.
 
 Why replicas: only gradients cross the link. The coordinator sends a device the others'
@@ -63,6 +66,8 @@ from training.job import (
 
 from training.open_jobs import OpenJobs
 from training.part_fields import PAC_APPLY as APPLY
+from training.part_fields import PAC_CACHE_IN as CACHE_IN
+from training.part_fields import PAC_CACHE_OUT as CACHE_OUT
 from training.part_fields import PAC_CLOSE as CLOSE
 from training.part_fields import PAC_OPEN as OPEN
 from training.part_fields import PAC_PROFILE as PROFILE
@@ -223,6 +228,39 @@ class WorkerJob:
             for i, t, y in zip(chunk, taps, targets):
                 self.cache[i] = (as_cached(t, self.spec.cache_dtype).contiguous(), y.contiguous())
         return time.perf_counter() - started
+
+    def cache_out(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The cache entries of `indices` as flat tensors (sample numbers, positions per sample,
+        taps, targets); the entries stay here too. float16 entries go as float16: exact."""
+        with self.lock:
+            missing = [i for i in indices if i not in self.cache]
+            if missing or not indices:
+                raise ValueError(f"pac.cache_out: samples {missing[:5]} are not cached on this device")
+            taps = torch.cat([self.cache[i][0] for i in indices])
+            return {"index": torch.tensor(indices, dtype=torch.long),
+                    "count": torch.tensor([len(self.cache[i][1]) for i in indices], dtype=torch.long),
+                    "taps": taps.half() if self.spec.cache_dtype == "float16" else taps,
+                    "targets": torch.cat([self.cache[i][1] for i in indices])}
+
+    def cache_in(self, tensors: dict[str, Any]) -> int:
+        """Store entries another device's `cache_out` gave, for samples this device was sent."""
+        try:
+            index, count = tensors["index"].tolist(), tensors["count"].tolist()
+            taps, targets = tensors["taps"].float(), tensors["targets"].long()
+        except (KeyError, AttributeError):
+            raise ValueError("pac.cache_in: tensors index, count, taps and targets are required") from None
+        shape = (len(self.config.taps), self.config.hidden_size)
+        if (len(index) != len(count) or min(count, default=0) < 1 or sum(count) != len(targets)
+                or tuple(taps.shape) != (len(targets), *shape)):
+            raise ValueError("pac.cache_in: the entries' sizes do not match")
+        with self.lock:
+            for i, n in zip(index, count):
+                example = self.examples.get(i)
+                if example is None or example.trained_tokens != n:
+                    raise ValueError(f"pac.cache_in: sample {i} was not sent here, or has other targets")
+            for i, t, y in zip(index, torch.split(taps, count), torch.split(targets, count)):
+                self.cache[i] = (t.contiguous(), y.contiguous())
+        return len(index)
 
     def step(self, step: int, attempt: int, indices: list[int], total_tokens: int,
              state: tuple[dict[str, torch.Tensor], dict] | None = None) -> StepResult:
@@ -451,6 +489,13 @@ class WorkerJobs:
                 after.append({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
             job.apply(fields["step"], _attempt(fields), before, after, total)
             return {"applied": fields["step"]}, None
+        if type == CACHE_OUT:
+            indices = fields["indices"]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+                raise ValueError("pac.cache_out: field 'indices' must be a list of sample numbers")
+            return {}, job.cache_out(indices)
+        if type == CACHE_IN:
+            return {"cached": job.cache_in(dict(tensors or {}))}, None
         if type == STAGE:
             indices = fields.get("indices")
             if indices is not None and (not isinstance(indices, list) or not all(isinstance(i, int) for i in indices)):
