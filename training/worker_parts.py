@@ -78,6 +78,9 @@ from training.part_fields import PAC_STEP as STEP
 
 MAX_JOBS = 4                 # open jobs per device (a coordinator that crashed leaves one behind)
 APPLY_WAIT_S = 600.0         # how long `pac.apply` waits for this device's own part of the step
+# Positions of the profile's adapter step: a real part's cost per position is reached from a
+# few hundred on (measured: 3.3 ms at 72, 2.3-2.5 ms from 288 to 2,304, SmolLM2-135M, 1 thread).
+ADAPTER_PROFILE_POSITIONS = 256
 # The tap hooks sit on the shared backbone module: two forwards at once would mix their taps.
 _FORWARD_LOCK = threading.Lock()
 
@@ -390,11 +393,14 @@ class WorkerJob:
 
     def profile(self, tokens: int, trained: int | None = None, samples: int = 2, repeats: int = 3) -> PartProfile:
         """Time a forward on random token ids of a typical (padded) sample's length, and an
-        adapter step on `trained` positions per sample (the ones that carry a label); the
+        adapter step, given per sample as `trained` positions (the ones that carry a label); the
         median of `repeats` after one untimed round (first calls allocate), so a moment's
         contention neither inflates nor hides the speed. The plan splits the samples by these
         figures: on two equal devices measured one after the other without the warm-up, they
-        differed by up to 11%."""
+        differed by up to 11%. The adapter step is timed on `ADAPTER_PROFILE_POSITIONS`
+        positions, as large as a real part's cost per position: on two samples' 72 positions it
+        cost 38% more per position than on 256 or more (the LM head's loss runs in slices of
+        32), and the later steps were predicted 30-38% slow."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)
@@ -406,11 +412,15 @@ class WorkerJob:
                 started = time.perf_counter()
                 taps, _ = backbone_taps(self.backbone.model, self.config, ids)
                 forwards.append((time.perf_counter() - started) / samples)
-            positions = samples * max(1, min(trained or tokens, tokens))
-            flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])[:positions]
+            flat = taps.reshape(-1, taps.shape[-2], taps.shape[-1])
+            targets = ids.reshape(-1)
+            repeats_needed = -(-ADAPTER_PROFILE_POSITIONS // len(targets))
+            flat, targets = flat.repeat(repeats_needed, 1, 1), targets.repeat(repeats_needed)
             started = time.perf_counter()
-            pac_gradients(self.backbone.model, self.chain, flat, ids.reshape(-1)[:positions])
-            adapters.append((time.perf_counter() - started) / samples)
+            pac_gradients(self.backbone.model, self.chain, flat[:ADAPTER_PROFILE_POSITIONS],
+                          targets[:ADAPTER_PROFILE_POSITIONS])
+            per_position = (time.perf_counter() - started) / ADAPTER_PROFILE_POSITIONS
+            adapters.append(per_position * max(1, min(trained or tokens, tokens)))
         return PartProfile(statistics.median(forwards[1:]), statistics.median(adapters[1:]), available_memory(),
                            torch.get_num_threads())
 
