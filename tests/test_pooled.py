@@ -372,6 +372,44 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
 
 
+def test_a_replica_that_drifts_is_found_by_its_digest_and_sent_the_whole_state(notes, stories_gguf, backbone,
+                                                                               hearth_home):
+    """A device whose arithmetic rounds differently would drift from the coordinator by ulps.
+    Made so here: one replica's weight is nudged by one ulp after step 2. The digest it reports
+    with its next step gives it away, it is sent the whole state with its next part, and it
+    ends bit-equal to the coordinator again."""
+    from training.local_peer import LocalPeer
+    from training.pooled import JobDevice, train_pooled
+    from training.worker_parts import APPLY, CLOSE, WorkerJobs
+
+    finals: dict[str, dict] = {}
+
+    class Drifting(WorkerJobs):
+        def handle(self, owner, type, fields, tensors):
+            job = self.jobs.get(owner, fields["job"]) if type in (APPLY, CLOSE) else None
+            if type == CLOSE:
+                finals[self.name] = {k: v.detach().clone() for k, v in job.chain.named_parameters()}
+            reply = super().handle(owner, type, fields, tensors)
+            if type == APPLY and self.name == "odd" and fields["step"] == 1:
+                weight = next(p for _, p in sorted(job.chain.named_parameters()) if p.abs().sum() > 0)
+                with torch.no_grad():
+                    weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0))
+            return reply
+
+    devices = [JobDevice("this")]
+    for name in ("even", "odd"):
+        jobs = Drifting(local_backbone=backbone)
+        jobs.name = name
+        devices.append(JobDevice(name, LocalPeer(jobs)))
+    events = []
+    spec = _spec(notes, stories_gguf, "pooled-drift", epochs=2)
+    pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
+    assert pooled.resynced == ["odd"], [e.message for e in events if e.phase == "devices"]
+    master = dict(pooled.result.module.named_parameters())
+    for name, weights in finals.items():
+        assert all(torch.equal(weights[k], master[k].detach()) for k in master), name
+
+
 def test_samples_are_owned_in_proportion_to_speed():
     from training.pooled import assign_owners
 

@@ -15,6 +15,7 @@ What is not here: the loop (trainer.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -183,6 +184,16 @@ def apply_gradients(module: Any, optimizer: Any, grads: dict[str, torch.Tensor],
                 p.grad.mul_(scale)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of a module's parameters (names and float bits, in name order). Pooled replicas
+    report it after each step: equal digests mean bit-equal side chains."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(value.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # --- checkpoints -----------------------------------------------------------------------------

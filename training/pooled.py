@@ -61,7 +61,7 @@ from core.errors import HearthError
 from core.paths import hearth_paths
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, fold, load_checkpoint, save_checkpoint,
-    steps_per_epoch, weighted,
+    steps_per_epoch, weighted, weights_digest,
 )
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
@@ -119,6 +119,7 @@ class PooledResult:
     lost: list[str] = field(default_factory=list)
     rejoined: list[str] = field(default_factory=list)
     receivers: list[str] = field(default_factory=list)   # devices that were sent the job's data
+    resynced: list[str] = field(default_factory=list)    # devices whose replica differed and was resent
 
     def prediction_error(self) -> dict[str, float]:
         """|predicted - measured| / measured for epoch 1 and for the later epochs."""
@@ -318,6 +319,7 @@ class _PooledJob:
         self.sample_costs: list[tuple[float, float]] = []
         self.lost: list[str] = []
         self.rejoined: list[str] = []
+        self.resynced: list[str] = []              # devices whose replica was found to differ
         self.bytes = 0                              # tensor payload bytes to and from other devices
         self._bytes_lock = threading.Lock()
         # A step keeps two requests per device in flight (its part, then the others' contributions).
@@ -595,9 +597,10 @@ class _PooledJob:
             self.emit(ProgressEvent("devices", message=f"moved {len(indices)} samples' cache from {src} to {dst}: "
                                                        "the later epochs balanced by measured speed"))
 
-    def _step_parts(self, batch: list[int]) -> tuple[float, dict[str, torch.Tensor]]:
+    def _step_parts(self, batch: list[int]) -> tuple[float, dict[str, torch.Tensor], dict[str, str | None]]:
         """One try at the step: every device's part, and the others' contributions sent to each
-        device as soon as they are all in. Returns (loss, the summed gradients); MemberLost if a
+        device as soon as they are all in. Returns (loss, the summed gradients, each device's
+        `weights_digest` after the step); MemberLost if a
         device's part did not arrive (no device has applied anything of this try then: each
         applies only once every other part is in)."""
         self.attempt += 1
@@ -617,6 +620,7 @@ class _PooledJob:
         contributions: dict[str, dict[str, torch.Tensor]] = {}
         summed: dict[str, dict[str, torch.Tensor]] = {}
         applies: dict[str, Any] = {}
+        digests: dict[str, str | None] = {}
         lock = threading.Lock()
 
         def apply_on(name: str) -> None:
@@ -635,8 +639,9 @@ class _PooledJob:
                         tensors.update({f"a{k}.{n}": v for n, v in contributions[later].items()})
                     after = len(order) - j - 1
             fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "after": after}
-            self._call(by_name[name], APPLY, fields, tensors or None, timeout=self.step_timeout_s)
+            reply = self._call(by_name[name], APPLY, fields, tensors or None, timeout=self.step_timeout_s)
             by_name[name].version = self.step + 1
+            digests[name] = reply.fields.get("digest")
 
         def one(name: str) -> StepResult:
             member = by_name[name]
@@ -686,7 +691,7 @@ class _PooledJob:
         if len(contributions) < len(order):
             raise lost[0]
         loss = sum(r.loss * r.tokens for r in results) / total
-        return loss, summed.get("total") or fold([contributions[o] for o in order])
+        return loss, summed.get("total") or fold([contributions[o] for o in order]), digests
 
     def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
         """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
@@ -712,12 +717,27 @@ class _PooledJob:
             if any(self.owners[i] in gone for i in batch):   # left after its last part arrived
                 self._reassign()
             try:
-                loss, grads = self._step_parts(batch)
+                loss, grads, digests = self._step_parts(batch)
                 break
             except MemberLost:
                 self._reassign()
         apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm)
+        self._check_replicas(digests)
         return loss
+
+    def _check_replicas(self, digests: dict[str, str | None]) -> None:
+        """Replicas equal this side chain bit for bit on devices whose float arithmetic rounds
+        alike. One that does not (another CPU's vector kernels, another torch build) would drift by
+        a few ulps a step; it is sent the whole state with its next part instead."""
+        master = weights_digest(self.run.module)
+        for member in self.members:
+            digest = digests.get(member.name)
+            if digest is not None and digest != master and member.version is not None:
+                member.version = None
+                self.resynced.append(member.name)
+                self.emit(ProgressEvent("devices", message=f"{member.name}'s copy of the side chain differs from "
+                                                           f"this device's after step {self.step + 1}: it is sent "
+                                                           "the whole state with its next part"))
 
     def execute(self, checkpoint: Checkpoint | None) -> PooledResult:
         from training.trainer import TrainResult
@@ -772,7 +792,7 @@ class _PooledJob:
         assert self.plan is not None
         receivers = sorted({m.name for m in self.members if m.sent and not m.local})
         return PooledResult(result, self.plan, epoch_step_s, bytes_per_step, list(self.lost),
-                            list(self.rejoined), receivers)
+                            list(self.rejoined), receivers, list(self.resynced))
 
     def figures(self) -> list[DeviceFigures]:
         owned: dict[str, int] = {}

@@ -24,7 +24,8 @@ fields, tensors) -> (fields, tensors)`:
                its way, the others' contributions: the coordinator's running total of the
                devices before this one (in the step's fixed order) and each later one's; the
                replica adds its own in between (`job.fold`: the coordinator's exact sum). Then it
-               takes the optimiser step the coordinator takes.
+               takes the optimiser step the coordinator takes, and answers its weights' digest
+               (`job.weights_digest`), which the coordinator checks against its own.
 - `pac.cache_out` / `pac.cache_in`  hand activation cache entries of some samples over, from
                one device to another through the coordinator (who rebalances the later epochs by
                each device's measured adapter speed); float16 entries travel as float16, exactly.
@@ -61,7 +62,7 @@ from core.errors import HearthError
 from training.data import Example
 from training.job import (
     JobSpec, apply_gradients, fold, make_optimizer, optimizer_from_tensors, optimizer_to_tensors, pac_gradients,
-    weighted,
+    weighted, weights_digest,
 )
 
 from training.open_jobs import OpenJobs
@@ -290,10 +291,11 @@ class WorkerJob:
 
     def apply(self, step: int, attempt: int, before: dict[str, torch.Tensor] | None,
               after: list[dict[str, torch.Tensor]], total: dict[str, torch.Tensor] | None = None,
-              wait_s: float = APPLY_WAIT_S) -> None:
+              wait_s: float = APPLY_WAIT_S) -> str:
         """Take step `step`'s optimiser step with the step's `total` when the coordinator had
         every part, else with `before` (the devices ahead of this one, summed) + this device's
-        own contribution + each of `after`, added in that order."""
+        own contribution + each of `after`, added in that order. Returns the replica's
+        `weights_digest`, which the coordinator compares with its own."""
         with self.changed:
             names = {name for name, _ in self.chain.named_parameters()}
             terms = [total] if total else ([before] if before else []) + after
@@ -308,6 +310,7 @@ class WorkerJob:
                 raise ValueError(f"pac.apply: this device's side chain is at step {self.version}, not {step}")
             apply_gradients(self.chain, self.optimizer, fold(terms), self.spec.max_grad_norm)
             self.version, self.pending = step + 1, None
+            return weights_digest(self.chain)
 
     def _load_state(self, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         params = dict(self.chain.named_parameters())
@@ -497,8 +500,8 @@ class WorkerJobs:
             for k in range(count):
                 prefix = f"a{k}."
                 after.append({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
-            job.apply(fields["step"], _attempt(fields), before, after, total)
-            return {"applied": fields["step"]}, None
+            digest = job.apply(fields["step"], _attempt(fields), before, after, total)
+            return {"applied": fields["step"], "digest": digest}, None
         if type == CACHE_OUT:
             indices = fields["indices"]
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
