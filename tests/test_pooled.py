@@ -372,6 +372,38 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
 
 
+def test_epoch_one_hands_the_backbone_work_to_whichever_device_is_free(notes, stories_gguf, backbone, hearth_home):
+    """A device whose backbone passes take longer than its profile said (a laptop its owner
+    started using, made so here by a pause in each of its passes) ends epoch 1 with fewer
+    samples: the samples go out in pieces to whichever device is free. The result is still
+    the single-device run's."""
+    import time
+
+    from training.local_peer import LocalPeer
+    from training.pooled import JobDevice, train_pooled
+    from training.worker_parts import FILL, WorkerJobs
+
+    class Busy(WorkerJobs):
+        def handle(self, owner, type, fields, tensors):
+            if type == FILL and self.name == "busy":
+                time.sleep(0.3 * len(fields["indices"]))
+            return super().handle(owner, type, fields, tensors)
+
+    devices = [JobDevice("this")]
+    for name in ("busy", "free"):
+        jobs = Busy(local_backbone=backbone)
+        jobs.name = name
+        devices.append(JobDevice(name, LocalPeer(jobs)))
+    spec = _spec(notes, stories_gguf, "pooled-free", epochs=2)
+    events = []
+    pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
+    epoch1 = [e for e in events if e.phase == "train" and e.epoch == 1][-1]
+    owned = {d.name: d.owned for d in epoch1.devices}
+    assert sum(owned.values()) == 20 and owned["busy"] < min(owned["free"], owned["this"]), owned
+    single = _single(spec, backbone)
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+
+
 def test_a_replica_that_drifts_is_found_by_its_digest_and_sent_the_whole_state(notes, stories_gguf, backbone,
                                                                                hearth_home):
     """A device whose arithmetic rounds differently would drift from the coordinator by ulps.

@@ -149,6 +149,7 @@ def run(args) -> dict:
         "plan": pooled["plan"],
         # After epoch 1, samples' cache entries moved by each device's measured adapter speed.
         "rebalanced": pooled["rebalanced"],
+        "epoch1_device_busy_s": pooled["epoch1_device_busy_s"],
         "single_final_loss": single.final_loss, "pooled_final_loss": pooled["loss"],
         "targets": {"later_epochs_speedup": 1.8, "epoch1_speedup": 1.6, "prediction_error": 0.25},
         # Other processes on the machine skew every ratio here: read them with the load beside.
@@ -212,9 +213,14 @@ def _pooled_run(args, spec, root: Path) -> dict:
         plan = next(e for e in events if e.get("phase") == "plan")
         done = events[-1]
         moves = [e["message"] for e in events if e.get("phase") == "devices" and "moved" in (e.get("message") or "")]
+        # Each device's busy seconds in epoch 1 (its samples / its rate at the epoch's last step):
+        # how evenly the plan split the backbone work.
+        end = [e for e in events if e.get("phase") == "train" and e.get("epoch") == 1][-1]
+        busy = {d["name"]: round(d["owned"] / d["samples_per_s"], 2) for d in end.get("devices", [])
+                if d.get("samples_per_s")}
         return {"epoch_step_s": done["epoch_step_s"], "bytes_per_step": done["bytes_per_step"],
                 "predicted_step_s": done["predicted_step_s"], "plan": plan["message"], "loss": done.get("loss"),
-                "rebalanced": moves}
+                "rebalanced": moves, "epoch1_device_busy_s": busy}
     finally:
         for proc in reversed(procs):
             proc.stop()

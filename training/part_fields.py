@@ -14,7 +14,7 @@ from pathlib import Path
 
 PAC_OPEN, PAC_PROFILE, PAC_SINK, PAC_SAMPLES = "pac.open", "pac.profile", "pac.sink", "pac.samples"
 PAC_STEP, PAC_APPLY, PAC_STAGE, PAC_CLOSE = "pac.step", "pac.apply", "pac.stage", "pac.close"
-PAC_CACHE_OUT, PAC_CACHE_IN = "pac.cache_out", "pac.cache_in"
+PAC_CACHE_OUT, PAC_CACHE_IN, PAC_FILL = "pac.cache_out", "pac.cache_in", "pac.fill"
 FED_INFO, FED_OPEN, FED_ROUND, FED_CLOSE = "fed.info", "fed.open", "fed.round", "fed.close"
 
 PAC_FIELDS: dict[str, dict[str, type]] = {
@@ -28,6 +28,7 @@ PAC_FIELDS: dict[str, dict[str, type]] = {
     PAC_CLOSE: {"job": str},
     PAC_CACHE_OUT: {"job": str, "indices": list},
     PAC_CACHE_IN: {"job": str},
+    PAC_FILL: {"job": str, "indices": list},
 }
 FED_FIELDS: dict[str, dict[str, type]] = {
     FED_INFO: {},

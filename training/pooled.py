@@ -66,7 +66,7 @@ from training.job import (
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
 from training.worker_parts import (
-    APPLY, CACHE_IN, CACHE_OUT, CLOSE, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult,
+    APPLY, CACHE_IN, CACHE_OUT, CLOSE, FILL, OPEN, PROFILE, SAMPLES, SINK, STAGE, STEP, PartProfile, StepResult,
     WorkerJobs, pack_examples, state_to_tensors,
 )
 
@@ -710,12 +710,67 @@ class _PooledJob:
                                  timeout=self.step_timeout_s).tensors or {}
         holder.cached |= set(indices)
 
+    def _fill(self, batch: list[int]) -> None:
+        """The backbone passes of the step's samples that no device has cached yet (epoch 1, or
+        samples of a device that left), handed out in pieces to whichever replica is free, the
+        longest samples first and the pieces shrinking as the work runs out (each a share of
+        what is left), so the devices finish together however their speed differs from the
+        profile's (a device 17% slower than planned made epoch 1 wait for it). A sample belongs
+        to the device that cached it. Pipelines fill their own samples at the same time."""
+        replicas = [m for m in self._active() if m.state == "training" and not m.in_pipeline and m.speed > 0]
+        names = {m.name for m in replicas}
+        by_name = {m.name: m for m in self.members}
+        todo = [i for i in batch if self.owners[i] in names and i not in by_name[self.owners[i]].computed]
+        pipelines = [by_name[h] for h in self.pipelines if by_name[h].state != "gone"
+                     and any(self.owners[i] == h and i not in by_name[h].cached for i in batch)]
+        if not todo and not pipelines:
+            return
+        examples = self.run.examples
+        queue = sorted(todo, key=lambda i: (-len(examples[i].input_ids), i))
+        cost = {i: max(self.sample_costs[i][0] - self.sample_costs[i][1], 1e-9) for i in queue}
+        left = [sum(cost.values())]
+        lock = threading.Lock()
+
+        def take() -> list[int]:
+            with lock:
+                piece: list[int] = []
+                want = left[0] / (2 * len(replicas))
+                while queue and (not piece or sum(cost[i] for i in piece) < want):
+                    piece.append(queue.pop(0))
+                left[0] -= sum(cost[i] for i in piece)
+                return piece
+
+        def work(member: _Member) -> None:
+            if member.name in self.pipelines:
+                self._fill_pipeline(member, [i for i in batch if self.owners[i] == member.name
+                                             and i not in member.cached])
+                return
+            while piece := take():
+                started = time.perf_counter()
+                try:
+                    self._send_samples(member, set(piece))
+                    self._call(member, FILL, {"job": self.job_id, "indices": piece}, timeout=self.step_timeout_s)
+                except MemberLost:
+                    with lock:       # back to the front: another device takes it
+                        queue[:0] = piece
+                        left[0] += sum(cost[i] for i in piece)
+                    raise
+                member.busy_s += time.perf_counter() - started
+                for i in piece:
+                    self.owners[i] = member.name
+                member.computed |= set(piece)
+
+        self._each(work, only=replicas + pipelines)
+
     def step_once(self, batch: list[int]) -> float:
         """One global step, applied exactly once: parts are recomputed until all of them arrive."""
         while True:
             gone = {m.name for m in self.members if m.state == "gone"}
             if any(self.owners[i] in gone for i in batch):   # left after its last part arrived
                 self._reassign()
+            self._fill(batch)
+            if any(self.owners[i] in {m.name for m in self.members if m.state == "gone"} for i in batch):
+                continue                                      # left while filling: its samples first
             try:
                 loss, grads, digests = self._step_parts(batch)
                 break

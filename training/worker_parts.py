@@ -14,6 +14,8 @@ fields, tensors) -> (fields, tensors)`:
 - `pac.stage`  pipeline stage (a device too small for the whole backbone): run decoder layers
                first..last on token ids (first stage) or on the previous stage's activations; the
                last stage stores the taps in its activation cache.
+- `pac.fill`   backbone passes for the given samples into the activation cache (epoch 1: the
+               coordinator hands the step's samples out in pieces to whichever device is free).
 - `pac.step`   for each given sample, the activation cache entry (backbone forward on first
                use: epoch 1, or a sample re-assigned from a device that left), then loss and
                adapter gradients (`job.pac_gradients`) over this device's part of the global
@@ -70,6 +72,7 @@ from training.part_fields import PAC_APPLY as APPLY
 from training.part_fields import PAC_CACHE_IN as CACHE_IN
 from training.part_fields import PAC_CACHE_OUT as CACHE_OUT
 from training.part_fields import PAC_CLOSE as CLOSE
+from training.part_fields import PAC_FILL as FILL
 from training.part_fields import PAC_OPEN as OPEN
 from training.part_fields import PAC_PROFILE as PROFILE
 from training.part_fields import PAC_SAMPLES as SAMPLES
@@ -502,6 +505,12 @@ class WorkerJobs:
                 after.append({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
             digest = job.apply(fields["step"], _attempt(fields), before, after, total)
             return {"applied": fields["step"], "digest": digest}, None
+        if type == FILL:
+            indices = fields["indices"]
+            if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+                raise ValueError("pac.fill: field 'indices' must be a non-empty list of sample numbers")
+            with job.lock:
+                return {"forward_s": job.fill_cache(indices), "cached": len(indices)}, None
         if type == CACHE_OUT:
             indices = fields["indices"]
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
