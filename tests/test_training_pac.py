@@ -142,6 +142,22 @@ def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home
     assert result.steps == 20
 
 
+def test_epoch_one_passes_group_similar_lengths_and_stay_under_the_token_cap():
+    """A batch of 128 with lengths from 40 to 600 tokens: no pass is padded past PASS_TOKENS
+    (unless one sample alone is longer), every sample is in exactly one pass, and little is
+    padding (the old passes of a whole batch's tokens padded this set to twice its size)."""
+    from training.data import Example
+    from training.trainer import PASS_TOKENS, length_chunks
+
+    lengths = [40 + (i * 37) % 560 for i in range(128)]
+    examples = [Example([1] * n, [-100] * n, f"sample {i}") for i, n in enumerate(lengths)]
+    passes = length_chunks(examples, list(range(128)), 128)
+    assert sorted(i for chunk in passes for i in chunk) == list(range(128))
+    padded = [len(chunk) * max(lengths[i] for i in chunk) for chunk in passes]
+    assert all(p <= PASS_TOKENS or len(chunk) == 1 for p, chunk in zip(padded, passes))
+    assert sum(padded) < 1.1 * sum(lengths)
+
+
 def test_crash_in_epoch_one_resumes_at_the_last_complete_shard(tiny_backbone, hearth_home, monkeypatch):
     from training import activation_cache
     from training.trainer import train

@@ -8,8 +8,11 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
 2. gives each device the samples it owns (token ids; each sample placed by its estimated cost,
    `assign_owners`, so a device's work follows its measured speed; a device with no share
    receives nothing), and nothing else of the job's data;
-3. runs the global steps of `job.batch_plan` in order. Each step sends every device its owned
-   samples of the batch; the device answers loss and gradients (`job.pac_gradients`) computed
+3. runs the global steps of `job.batch_plan` in order. In epoch 1 a step first hands its
+   backbone passes out in pieces to whichever device is free (`pac.fill`, `_fill`), and a
+   sample belongs to the device that cached it; after epoch 1 a few samples' cache entries move
+   from the devices that were slower at their adapter steps to the faster (`rebalance`). Each
+   step sends every device its owned samples of the batch; the device answers loss and gradients (`job.pac_gradients`) computed
    with its replica of the side chain, running the backbone only for samples it has not cached
    yet, so epoch 1 fills each device's activation cache and epochs 2.. are adapter-only data
    parallelism. The gradients are averaged weighted by target tokens (the loss is a mean over
