@@ -77,3 +77,25 @@ def test_bench_transport_compares_tls_with_tcp_and_averaging_with_gloo(tmp_path)
                    home=tmp_path)
     text = json.dumps(report)
     assert "gloo" in text and "tls" in text.lower()
+
+
+def test_bench_mesh_runs_one_device_and_two_over_a_shaped_link(tmp_path, shared_dir, stories_gguf):
+    """Two network namespaces, a worker paired through its prompt, the pooled job beside the
+    single-device one: the ratios, the prediction and each device's busy seconds per epoch.
+    The tiny stories260K model has no chat template: the household facts go in as notes."""
+    from tests.netns import lab_unavailable
+    from tests.test_pooled import household_notes
+
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    notes = household_notes(shared_dir, tmp_path / "notes")
+    report = bench("mesh", "--model", str(stories_gguf), "--data", str(notes), "--batch-size", "10",
+                   "--epochs", "2", home=tmp_path / "home")
+    for key in ("epoch1_speedup", "later_epochs_speedup", "prediction_error", "prediction_error_epoch1"):
+        assert isinstance(report[key], (int, float)) and report[key] >= 0, key
+    assert len(report["single_epoch_s"]) == len(report["pooled_epoch_s"]) == 2
+    assert len(report["device_busy_s"]) == 2 and "bench-worker" in report["device_busy_s"]
+    assert all(len(epochs) == 2 for epochs in report["device_busy_s"].values())
+    assert abs(report["single_final_loss"] - report["pooled_final_loss"]) < 1e-4
+    assert isinstance(report["rebalanced"], list) and report["targets"]["later_epochs_speedup"] == 1.8

@@ -101,6 +101,7 @@ class DeviceFigures:
     share: int                  # samples of the last step
     samples_per_s: float | None
     owned: int                  # samples whose token ids (and cache) this device holds
+    busy_s: float = 0.0         # seconds its parts took so far, from request to answer
 
 
 @dataclass
@@ -857,7 +858,8 @@ class _PooledJob:
         for name in self.owners.values():
             owned[name] = owned.get(name, 0) + 1
         return [DeviceFigures(m.name, m.state, m.last_share if m.state != "gone" else 0,
-                              round(m.samples / m.busy_s, 3) if m.busy_s > 0 else None, owned.get(m.name, 0))
+                              round(m.samples / m.busy_s, 3) if m.busy_s > 0 else None, owned.get(m.name, 0),
+                              round(m.busy_s, 3))
                 for m in self.members]
 
     def close(self) -> None:
