@@ -179,6 +179,20 @@ def _max_difference(a, b) -> float:
     return max((pa[k] - pb[k]).abs().max().item() for k in pa)
 
 
+def _in_process(jobs_class, names: tuple[str, ...], backbone) -> list:
+    """This device and `names`, each a `jobs_class` (WorkerJobs or a test's subclass, which
+    knows its device as `self.name`) reached in-process through the parts a worker runs."""
+    from training.local_peer import LocalPeer
+    from training.pooled import JobDevice
+
+    devices = [JobDevice("this")]
+    for name in names:
+        jobs = jobs_class(local_backbone=backbone)
+        jobs.name = name
+        devices.append(JobDevice(name, LocalPeer(jobs)))
+    return devices
+
+
 def test_pooled_run_over_two_workers_matches_the_single_device_run(mesh, notes, stories_gguf, backbone, hearth_home):
     from training.pooled import PooledEvent, train_pooled
 
@@ -344,8 +358,7 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
     rebuild the coordinator's sum exactly, whatever its place in the order, and take steps it had
     no sample in (20 samples in batches of 6 leave some device out of the last step of each
     epoch). Two devices in-process here, through the same job parts a remote worker runs."""
-    from training.local_peer import LocalPeer
-    from training.pooled import JobDevice, train_pooled
+    from training.pooled import train_pooled
     from training.worker_parts import CLOSE, WorkerJobs
 
     finals: dict[str, dict] = {}
@@ -357,11 +370,7 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
                 finals[self.name] = {k: v.detach().clone() for k, v in job.chain.named_parameters()}
             return super().handle(owner, type, fields, tensors)
 
-    devices = [JobDevice("this")]
-    for name in ("left", "right"):
-        jobs = Recording(local_backbone=backbone)
-        jobs.name = name
-        devices.append(JobDevice(name, LocalPeer(jobs)))
+    devices = _in_process(Recording, ("left", "right"), backbone)
     spec = _spec(notes, stories_gguf, "pooled-replicas", epochs=2)
     pooled = train_pooled(spec, devices, backbone=backbone, save=False)
     assert pooled.lost == [] and set(finals) == {"left", "right"}
@@ -379,8 +388,7 @@ def test_epoch_one_hands_the_backbone_work_to_whichever_device_is_free(notes, st
     the single-device run's."""
     import time
 
-    from training.local_peer import LocalPeer
-    from training.pooled import JobDevice, train_pooled
+    from training.pooled import train_pooled
     from training.worker_parts import FILL, WorkerJobs
 
     class Busy(WorkerJobs):
@@ -389,11 +397,7 @@ def test_epoch_one_hands_the_backbone_work_to_whichever_device_is_free(notes, st
                 time.sleep(0.3 * len(fields["indices"]))
             return super().handle(owner, type, fields, tensors)
 
-    devices = [JobDevice("this")]
-    for name in ("busy", "free"):
-        jobs = Busy(local_backbone=backbone)
-        jobs.name = name
-        devices.append(JobDevice(name, LocalPeer(jobs)))
+    devices = _in_process(Busy, ("busy", "free"), backbone)
     spec = _spec(notes, stories_gguf, "pooled-free", epochs=2)
     events = []
     pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
@@ -410,8 +414,7 @@ def test_a_replica_that_drifts_is_found_by_its_digest_and_sent_the_whole_state(n
     Made so here: one replica's weight is nudged by one ulp after step 2. The digest it reports
     with its next step gives it away, it is sent the whole state with its next part, and it
     ends bit-equal to the coordinator again."""
-    from training.local_peer import LocalPeer
-    from training.pooled import JobDevice, train_pooled
+    from training.pooled import train_pooled
     from training.worker_parts import APPLY, CLOSE, WorkerJobs
 
     finals: dict[str, dict] = {}
@@ -428,11 +431,7 @@ def test_a_replica_that_drifts_is_found_by_its_digest_and_sent_the_whole_state(n
                     weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0))
             return reply
 
-    devices = [JobDevice("this")]
-    for name in ("even", "odd"):
-        jobs = Drifting(local_backbone=backbone)
-        jobs.name = name
-        devices.append(JobDevice(name, LocalPeer(jobs)))
+    devices = _in_process(Drifting, ("even", "odd"), backbone)
     events = []
     spec = _spec(notes, stories_gguf, "pooled-drift", epochs=2)
     pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
@@ -496,8 +495,7 @@ def test_later_epochs_are_rebalanced_by_measured_speed_with_the_cache_moved_not_
     """A device whose adapter steps report four times the time (a slow device, made so here by
     scaling what it reports) gives samples to the others after epoch 1. Their cache entries
     travel: no device runs the backbone after epoch 1, and the result is still the single run's."""
-    from training.local_peer import LocalPeer
-    from training.pooled import JobDevice, train_pooled
+    from training.pooled import train_pooled
     from training.worker_parts import STEP, WorkerJobs
 
     recomputed: dict[str, list[int]] = {}
@@ -512,11 +510,7 @@ def test_later_epochs_are_rebalanced_by_measured_speed_with_the_cache_moved_not_
                 reply = dict(reply, adapter_s=reply["adapter_s"] * 4)
             return reply, out
 
-    devices = [JobDevice("this")]
-    for name in ("slow", "fast"):
-        jobs = Measured(local_backbone=backbone)
-        jobs.name = name
-        devices.append(JobDevice(name, LocalPeer(jobs)))
+    devices = _in_process(Measured, ("slow", "fast"), backbone)
     spec = _spec(notes, stories_gguf, "pooled-rebalance", epochs=3)
     events = []
     pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)

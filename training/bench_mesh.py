@@ -5,8 +5,10 @@ namespaces joined by a veth pair shaped with tbf (default 100 Mbit/s each way); 
 runs in one, `hearth train --devices` (the coordinator, itself a device) in the other, each
 process limited to one thread; the two are paired through the real pairing prompt first.
 Reported: epoch-1 and later-epoch throughput ratios (pooled / single), payload bytes per step,
-and the planner's predicted vs the measured step time (`prediction_error` = |predicted -
-measured| / measured, later epochs; `prediction_error_epoch1` for epoch 1).
+the planner's predicted vs the measured step time (`prediction_error` = |predicted -
+measured| / measured, later epochs; `prediction_error_epoch1` for epoch 1), each device's busy
+seconds per epoch (`device_busy_s`: how evenly the work was split) and the cache entries the
+coordinator moved after epoch 1 (`rebalanced`).
 
 Needs root and `ip netns` (it builds and removes its own namespaces, named with its pid).
 This module opens no socket; the mesh runs inside the `hearth` processes it starts.
@@ -54,8 +56,10 @@ def _ip(*args: str) -> None:
 
 
 class _Proc:
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], cpus: set[int] | None = None):
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.popen = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      preexec_fn=pin,
                                       stderr=subprocess.PIPE, bufsize=1)
         self.lines: list[str] = []
         self.err: list[str] = []
@@ -118,16 +122,25 @@ def run(args) -> dict:
     data = args.data or str(_default_data(args.samples, root))
     spec = JobSpec(name="bench-mesh", data=data, model=args.model, epochs=args.epochs, batch_size=args.batch_size)
     os.environ["HEARTH_HOME"] = str(root / "single")
+    # One core per device where there are two: the single device and the coordinator on the
+    # first, the worker on the second, as two machines would be. Left to the scheduler, the
+    # processes' threads (compute, TLS, heartbeats) moved between the cores, and one device's
+    # later epochs ran 25-35% slower than the other's for a whole run.
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = ({allowed[0]}, {allowed[1]}) if len(allowed) >= 2 else (None, None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        if cores[0]:
+            os.sched_setaffinity(0, cores[0])
         single = train(spec, save=False)
     finally:
         torch.set_num_threads(threads)
+        os.sched_setaffinity(0, set(allowed))
     single_epoch_s = single.epoch_s
     samples = _samples(spec)
     try:
-        pooled = _pooled_run(args, spec, root)
+        pooled = _pooled_run(args, spec, root, cores)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -156,6 +169,8 @@ def run(args) -> dict:
         "targets": {"later_epochs_speedup": 1.8, "epoch1_speedup": 1.6, "prediction_error": 0.25},
         # Other processes on the machine skew every ratio here: read them with the load beside.
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cores": {"single": sorted(cores[0] or []), "coordinator": sorted(cores[0] or []),
+                  "worker": sorted(cores[1] or [])},
         "cpus": os.cpu_count(),
     }
     if args.plot:
@@ -169,7 +184,7 @@ def _samples(spec) -> int:
     return len(read_conversations(Path(spec.data)))
 
 
-def _pooled_run(args, spec, root: Path) -> dict:
+def _pooled_run(args, spec, root: Path, cores: tuple[set[int] | None, set[int] | None]) -> dict:
     tag = f"hbm{os.getpid()}"
     ns_a, ns_b = f"{tag}-a", f"{tag}-b"
     bin_dir = Path(sys.executable).parent
@@ -192,7 +207,7 @@ def _pooled_run(args, spec, root: Path) -> dict:
                             args.rate, "burst", "32kbit", "latency", "400ms"], check=True, capture_output=True)
         a, b = f"{SUBNET}.1", f"{SUBNET}.2"
         worker = _Proc(["ip", "netns", "exec", ns_b, str(bin_dir / "hearth"), "worker", "--name", "bench-worker",
-                        "--port", "7100", "--interface", b], env("worker"))
+                        "--port", "7100", "--interface", b], env("worker"), cores[1])
         procs.append(worker)
         worker.wait_for(r"Device id: (\S+)")
         pair = _Proc(["ip", "netns", "exec", ns_a, str(bin_dir / "hearth"), "pair", f"{b}:7100", "--interface", a],
@@ -206,7 +221,7 @@ def _pooled_run(args, spec, root: Path) -> dict:
         job = _Proc(["ip", "netns", "exec", ns_a, str(bin_dir / "hearth"), "train", "--data", spec.data, "--model",
                      spec.model, "--epochs", str(spec.epochs), "--batch-size", str(spec.batch_size), "--seed",
                      str(spec.seed), "--out", "bench-mesh", "--devices", "bench-worker", "--json",
-                     "--interface", a, "--wait", "10"], env("coordinator"))
+                     "--interface", a, "--wait", "10"], env("coordinator"), cores[0])
         procs.append(job)
         if job.popen.wait(1800) != 0:
             raise HearthError(f"bench mesh: pooled job failed: {' | '.join(job.err[-5:])}")

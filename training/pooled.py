@@ -12,12 +12,13 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
    backbone passes out in pieces to whichever device is free (`pac.fill`, `_fill`), and a
    sample belongs to the device that cached it; after epoch 1 a few samples' cache entries move
    from the devices that were slower at their adapter steps to the faster (`rebalance`). Each
-   step sends every device its owned samples of the batch; the device answers loss and gradients (`job.pac_gradients`) computed
-   with its replica of the side chain, running the backbone only for samples it has not cached
-   yet, so epoch 1 fills each device's activation cache and epochs 2.. are adapter-only data
-   parallelism. The gradients are averaged weighted by target tokens (the loss is a mean over
-   tokens, so this is exactly the full batch's gradient), added in a fixed order (this device
-   first), and applied once here (`job.apply_gradients`). Each device is sent the sum (`pac.apply`)
+   step sends every device its owned samples of the batch; the device answers loss and
+   gradients (`job.pac_gradients`) computed with its replica of the side chain, running the
+   backbone only for samples it has not cached yet, so epoch 1 fills each device's activation
+   cache and epochs 2.. are adapter-only data parallelism. The gradients are averaged weighted
+   by target tokens (the loss is a mean over tokens, so this is exactly the full batch's
+   gradient), added in a fixed order (this device first), and applied once here
+   (`job.apply_gradients`). Each device is sent the sum (`pac.apply`)
    and takes the same optimiser step, so its replica stays equal to this side chain bit for bit;
    the device whose part is the last still on its way is instead sent the others' contributions
    at once (the running total of the devices before it and each later one) and rebuilds the same
