@@ -57,10 +57,16 @@ def _ip(*args: str) -> None:
 
 class _Proc:
     def __init__(self, argv: list[str], env: dict[str, str], cpus: set[int] | None = None):
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.popen = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      preexec_fn=pin,
-                                      stderr=subprocess.PIPE, bufsize=1)
+        # The child inherits this process's CPU affinity: set it for the start only (a
+        # preexec_fn is not safe here, this process has threads).
+        allowed = os.sched_getaffinity(0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        try:
+            self.popen = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, bufsize=1)
+        finally:
+            os.sched_setaffinity(0, allowed)
         self.lines: list[str] = []
         self.err: list[str] = []
         threading.Thread(target=self._pump, args=(self.popen.stdout, self.lines), daemon=True).start()

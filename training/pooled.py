@@ -148,11 +148,10 @@ class _Member:
     first_owned: set[int] = field(default_factory=set)
     last_share: int = 0
     in_pipeline: bool = False
-    cached: set[int] = field(default_factory=set)     # a pipeline cache holder: samples it cached
+    cached: set[int] = field(default_factory=set)     # samples whose activation cache entry it holds
     samples: int = 0
     busy_s: float = 0.0
     version: int | None = None            # steps its side chain replica has applied (None: none)
-    computed: set[int] = field(default_factory=set)   # samples it has trained (so cached) since it opened
     adapter_s: float = 0.0                # epoch 1: adapter seconds over `trained` target tokens
     trained: int = 0
     bandwidth: float = LOCAL_BANDWIDTH    # bytes per second to it (the plan's measurement)
@@ -544,7 +543,7 @@ class _PooledJob:
             if peer is None:
                 continue
             member.peer, member.state, member.sent, member.cached = peer, "training", set(), set()
-            member.version, member.computed = None, set()
+            member.version = None
             try:
                 self._open(member)
                 self._send_samples(member, member.first_owned)
@@ -565,7 +564,7 @@ class _PooledJob:
         take part (one that rejoined has no cache yet); a device that fails is marked gone, and
         the samples it held are re-assigned by the next step as usual."""
         ready = [m for m in self._active() if m.state == "training" and not m.in_pipeline and m.trained > 0
-                 and all(i in m.computed for i, name in self.owners.items() if name == m.name)]
+                 and all(i in m.cached for i, name in self.owners.items() if name == m.name)]
         if len(ready) < 2 or epochs < 1:
             return
         by_name = {m.name: m for m in ready}
@@ -598,7 +597,7 @@ class _PooledJob:
                 continue
             for i in indices:
                 self.owners[i] = dst
-            target.computed |= set(indices)
+            target.cached |= set(indices)
             self.emit(ProgressEvent("devices", message=f"moved {len(indices)} samples' cache from {src} to {dst}: "
                                                        "the later epochs balanced by measured speed"))
 
@@ -666,7 +665,7 @@ class _PooledJob:
             if result.tokens != tokens[name]:
                 raise HearthError(f"pooled training: {name} trained {result.tokens} target tokens of step "
                                   f"{self.step}, its samples have {tokens[name]}")
-            member.computed |= set(parts[name])
+            member.cached |= set(parts[name])
             if self.step < self.per_epoch:      # epoch 1's adapter speed decides the rebalance
                 member.adapter_s += result.adapter_s
                 member.trained += result.tokens
@@ -725,7 +724,7 @@ class _PooledJob:
         replicas = [m for m in self._active() if m.state == "training" and not m.in_pipeline and m.speed > 0]
         names = {m.name for m in replicas}
         by_name = {m.name: m for m in self.members}
-        todo = [i for i in batch if self.owners[i] in names and i not in by_name[self.owners[i]].computed]
+        todo = [i for i in batch if self.owners[i] in names and i not in by_name[self.owners[i]].cached]
         pipelines = [by_name[h] for h in self.pipelines if by_name[h].state != "gone"
                      and any(self.owners[i] == h and i not in by_name[h].cached for i in batch)]
         if not todo and not pipelines:
@@ -763,19 +762,18 @@ class _PooledJob:
                 member.busy_s += time.perf_counter() - started
                 for i in piece:
                     self.owners[i] = member.name
-                member.computed |= set(piece)
+                member.cached |= set(piece)
 
         self._each(work, only=replicas + pipelines)
 
     def step_once(self, batch: list[int]) -> float:
         """One global step, applied exactly once: parts are recomputed until all of them arrive."""
         while True:
-            gone = {m.name for m in self.members if m.state == "gone"}
-            if any(self.owners[i] in gone for i in batch):   # left after its last part arrived
+            if self._orphaned(batch):         # a device left after its last part arrived
                 self._reassign()
             self._fill(batch)
-            if any(self.owners[i] in {m.name for m in self.members if m.state == "gone"} for i in batch):
-                continue                                      # left while filling: its samples first
+            if self._orphaned(batch):         # ... or while filling: its samples go elsewhere first
+                continue
             try:
                 loss, grads, digests = self._step_parts(batch)
                 break
@@ -784,6 +782,10 @@ class _PooledJob:
         apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm)
         self._check_replicas(digests)
         return loss
+
+    def _orphaned(self, batch: list[int]) -> bool:
+        gone = {m.name for m in self.members if m.state == "gone"}
+        return any(self.owners[i] in gone for i in batch)
 
     def _check_replicas(self, digests: dict[str, str | None]) -> None:
         """Replicas equal this side chain bit for bit on devices whose float arithmetic rounds
@@ -804,7 +806,7 @@ class _PooledJob:
 
         spec, run = self.spec, self.run
         n = len(run.examples)
-        per_epoch = steps_per_epoch(n, spec.batch_size)
+        per_epoch = self.per_epoch
         total = per_epoch * spec.epochs
         if spec.max_steps is not None:
             total = min(total, spec.max_steps)
