@@ -2,4 +2,6 @@ import sys
 
 from app.cli import main
 
-sys.exit(main())
+# Guarded: benchmarks start worker processes that import this module again (spawn).
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help="override the scale's number of rounds")
     parser.add_argument("--clients", type=int, help="override the devices sampled per round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward", metavar="W1,W2,W3,W4",
+                        help="FedSpine's reward weights: loss drop, sparsity, update norm, time (default 1,0.5,0.1,1)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CLINC150 clinc150_train_val.json")
     parser.add_argument("--plot", type=Path, help="write accuracy vs simulated time to this PNG")
 
@@ -35,12 +37,26 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _reward_weights(text: str):
+    from training.bandit import RewardWeights
+
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise HearthError(f"--reward: expected four numbers W1,W2,W3,W4 (got {text!r})")
+    return RewardWeights(*values)
+
+
 def build_config(args: argparse.Namespace):
     from training.fedsim import SimConfig
 
     if args.devices < 2:
         raise HearthError(f"--devices: need at least 2 (got {args.devices})")
     overrides = {"seed": args.seed}
+    if args.reward:
+        overrides["reward"] = _reward_weights(args.reward)
     if args.rounds:
         overrides["rounds"] = args.rounds
     overrides["clients_per_round"] = min(args.clients or SimConfig.for_scale(args.scale).clients_per_round, args.devices)
@@ -92,6 +108,7 @@ def report_dict(report, plot: Path | None = None) -> dict:
         "local_steps": config.local_steps,
         "batch_size": config.batch_size,
         "target_sparsity": config.target_sparsity,
+        "reward_weights": asdict(config.reward),
         "fleet": [asdict(c) for c in config.fleet],
         "model": (f"small Llama-style encoder (real training): {config.layers} layers, d={config.hidden}, "
                   f"{config.heads} heads, {config.channels} SwiGLU channels, word vocabulary {config.vocab_size}, "
