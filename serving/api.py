@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,6 +165,9 @@ class ChatServer:
         self.httpd = ThreadingHTTPServer((HOST, settings.port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._replies: set[threading.Event] = set()   # the cancel events of replies in progress
+        self._idle = threading.Condition()
+        self._stopping = False
 
     @property
     def port(self) -> int:
@@ -181,8 +185,30 @@ class ChatServer:
     def serve_forever(self) -> None:
         self.httpd.serve_forever()
 
-    def stop(self) -> None:
+    @contextmanager
+    def reply(self):
+        """A reply in progress, as its cancel event: `stop` cancels it and waits for it to end."""
+        cancel = threading.Event()
+        with self._idle:
+            if self._stopping:
+                cancel.set()
+            self._replies.add(cancel)
+        try:
+            yield cancel
+        finally:
+            with self._idle:
+                self._replies.discard(cancel)
+                self._idle.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving; replies in progress are cancelled and waited for, because the engine is
+        closed after this returns and llama.cpp must not be freed under a thread decoding with it."""
         self.httpd.shutdown()
+        with self._idle:
+            self._stopping = True
+            for cancel in self._replies:
+                cancel.set()
+            self._idle.wait_for(lambda: not self._replies, timeout)
         self.httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -285,10 +311,11 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as error:
             self._send_error(error)
             return
-        if request.stream:
-            self._stream(request)
-        else:
-            self._complete(request)
+        with self.server_ref.reply() as cancel:
+            if request.stream:
+                self._stream(request, cancel)
+            else:
+                self._complete(request, cancel)
 
     def _refuse_method(self) -> None:
         if self._guard():
@@ -300,14 +327,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _pieces(self, request: ChatRequest, cancel: threading.Event):
         with self.server_ref.generate_lock:
+            if cancel.is_set():   # the server stopped while this reply waited for its turn
+                return
             yield from self.server_ref.engine.stream(request.messages, request.settings, cancel)
 
     def _count(self, text: str) -> int:
         count = getattr(self.server_ref.engine, "count_tokens", None)
         return int(count(text)) if count else len(text.split())
 
-    def _complete(self, request: ChatRequest) -> None:
-        cancel = threading.Event()
+    def _complete(self, request: ChatRequest, cancel: threading.Event) -> None:
         pieces = self._pieces(request, cancel)
         try:
             text = "".join(pieces)
@@ -328,8 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
                       "total_tokens": prompt_tokens + completion_tokens},
         })
 
-    def _stream(self, request: ChatRequest) -> None:
-        cancel = threading.Event()
+    def _stream(self, request: ChatRequest, cancel: threading.Event) -> None:
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 

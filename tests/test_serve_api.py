@@ -153,3 +153,34 @@ def test_server_refuses_to_start_without_a_token():
 
     with pytest.raises(HearthError, match="authentication"):
         ChatServer(object(), ApiSettings("", "m", 0))   # never reaches the engine
+
+
+def test_stopping_mid_reply_cancels_it_and_waits_for_it_before_the_engine_closes():
+    # Closing llama.cpp under a thread that is decoding with it crashes the process (it once
+    # took this suite down at teardown); stop() must cancel the reply and wait for its end.
+    import socket
+
+    gguf = find_entry("smollm2-135m").bundled_path()
+    engine = LlamaCppEngine(str(gguf), context_length=1024, threads=2, name="smollm2-135m")
+    srv = ChatServer(engine, ApiSettings(TOKEN, "smollm2-135m", 0, SamplingSettings(temperature=0.0, max_tokens=48)))
+    srv.start()
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                       "stream": True, "max_tokens": 800}).encode()
+    sock = socket.create_connection((HOST, srv.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        received = b""
+        while received.count(b'"content"') < 4:       # the reply is streaming words
+            received += sock.recv(4096)
+        srv.stop()
+        # stop() returned: the reply is over, so its stream is complete before the engine goes.
+        sock.settimeout(5)
+        while chunk := sock.recv(65536):
+            received += chunk
+    finally:
+        sock.close()
+        engine.close()
+    assert received.rstrip().endswith(b"data: [DONE]")
+    assert received.count(b'"content"') < 400        # cut short, not decoded to the end
