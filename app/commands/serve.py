@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
+        server.stop()   # cancels and waits for replies in progress: the engine must outlive them
         engine.close()
     return 0
