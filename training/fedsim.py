@@ -648,7 +648,7 @@ def _run_method_in_worker(method: str, state: dict[str, torch.Tensor], data: Fle
 
 def simulate(config: SimConfig, clinc_path: Path, workers: int | None = None) -> SimReport:
     """Pretrain the small backbone, then run every method on the same fleet, data and schedule,
-    `workers` methods at a time (default: one per core; 1 runs them in this process)."""
+    `workers` methods at a time (default: one per core this process may use; 1 runs them here)."""
     started = time.perf_counter()
     for method in config.methods:
         if method not in METHODS:
@@ -659,7 +659,7 @@ def simulate(config: SimConfig, clinc_path: Path, workers: int | None = None) ->
     pretrain_accuracy = pretrain_backbone(model, data.pretrain, config)
     fleet = make_fleet(config)
     schedule = client_schedule(config)
-    workers = min(len(config.methods), workers or os.cpu_count() or 1)
+    workers = min(len(config.methods), workers or len(os.sched_getaffinity(0)))
     if workers <= 1:
         results = {m: run_method(m, model, data, fleet, config, schedule) for m in config.methods}
     else:
