@@ -98,6 +98,20 @@ def test_rows_nobody_kept_keep_their_previous_value():
     assert out.b.flatten().tolist() == pytest.approx([3.0, 0.0])
 
 
+def test_rank_slots_no_device_of_the_round_had_keep_their_previous_value():
+    # The global state has rank 4; this round's devices trained ranks 1 and 2. Slots 2 and 3 were
+    # trained by nobody: averaging them over nobody would set A = B = 0 there, where LoRA has no
+    # gradient, and no later device of rank 4 could ever train them again.
+    prev = {"m": LoraFactors(torch.full((4, 3), 7.0), torch.full((2, 4), 9.0))}
+    low = LoraFactors(torch.ones(1, 3), torch.ones(2, 1))
+    mid = LoraFactors(torch.full((2, 3), 3.0), torch.full((2, 2), 3.0))
+    out = aggregate_lora([LoraUpdate({"m": low}), LoraUpdate({"m": mid})], previous=prev, weights=[1, 1])["m"]
+    assert out.rank == 4
+    assert torch.allclose(out.a[0], torch.full((3,), 2.0))      # both had slot 0
+    assert torch.allclose(out.a[1], torch.full((3,), 1.5))      # one had slot 1: HetLoRA's shrinking
+    assert torch.equal(out.a[2:], prev["m"].a[2:]) and torch.equal(out.b[:, 2:], prev["m"].b[:, 2:])
+
+
 def test_mismatched_modules_are_a_clear_error():
     with pytest.raises(HearthError, match="update 1 has modules"):
         aggregate_lora([LoraUpdate({"q": _factors(2)}), LoraUpdate({"v": _factors(2)})])

@@ -6,7 +6,8 @@ Heterogeneity-aware aggregation (ALGORITHMS.md section 7, after HetLoRA):
   to sum to one (equal weights when every norm is zero, e.g. B still at its zero initialisation);
 - the padded factors are averaged with those weights (a rank slot only some devices have is
   thereby shrunk towards zero, as in HetLoRA), and each device gets the result truncated back to
-  its own rank (the first r slots) when the next round is sent.
+  its own rank (the first r slots) when the next round is sent;
+- a rank slot that no device of the round had keeps its previous global value.
 
 LoRA tensors live in unpruned coordinates. A device that pruned rows of a module's output (B's
 rows) or columns of its input (A's columns) reports masks; a row or column is averaged only over
@@ -138,6 +139,13 @@ def aggregate_lora(
         prev = pad_rank(previous[module], rank) if previous is not None and module in previous else None
         b = _masked_mean(torch.stack([p.b for p in padded]), w, rows, prev.b if prev else None, dim=0)
         a = _masked_mean(torch.stack([p.a for p in padded]), w, cols, prev.a if prev else None, dim=1)
+        # Rank slots that no device of this round had were trained by nobody: they keep their
+        # previous value. (Averaged as zeros they would become A = B = 0, where LoRA has no
+        # gradient, and no device could ever train them again.)
+        round_rank = max(u.factors[module].rank for u in updates)
+        if prev is not None and round_rank < rank:
+            a[round_rank:] = prev.a[round_rank:].to(a.dtype)
+            b[:, round_rank:] = prev.b[:, round_rank:].to(b.dtype)
         result[module] = LoraFactors(a.to(padded[0].a.dtype), b.to(padded[0].b.dtype))
     return result
 
