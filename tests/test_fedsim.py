@@ -137,6 +137,8 @@ def test_unknown_scale_and_method_are_clear_errors(shared_dir):
     with pytest.raises(HearthError, match="--reward: expected four numbers"):
         build_config(parser.parse_args(["--reward", "1,0.5,x,1"]))
     assert build_config(parser.parse_args(["--reward", "2,0,0.1,1"])).reward.loss_drop == 2.0
+    with pytest.raises(HearthError, match="--seeds: need at least 1"):
+        build_config(parser.parse_args(["--seeds", "0"]))
 
 
 @pytest.mark.slow
@@ -172,5 +174,26 @@ def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
     # The command's arguments parse as documented.
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--devices", "80", "--scale", "quick", "--plot", "x.png"])
-    assert args.devices == 80 and args.scale == "quick" and args.plot == Path("x.png")
+    args = parser.parse_args(["--devices", "80", "--scale", "quick", "--plot", "x.png", "--seeds", "3"])
+    assert args.devices == 80 and args.scale == "quick" and args.plot == Path("x.png") and args.seeds == 3
+
+    # Several seeds: means (the speed-up a geometric mean), spreads and each seed's own figures.
+    from training.bench_federated import combine_seeds
+
+    other = report_dict(simulate(_tiny(seed=1), _clinc(shared_dir)))
+    assert (out["seed"], other["seed"]) == (0, 1)
+    both = combine_seeds([out, other])
+    json.dumps(both)
+    assert both["seeds"] == [0, 1] and [s["seed"] for s in both["per_seed"]] == [0, 1]
+    for name, m in both["methods"].items():
+        a, b = out["methods"][name]["final_accuracy"], other["methods"][name]["final_accuracy"]
+        assert m["final_accuracy"] == pytest.approx((a + b) / 2)
+        assert m["final_accuracy_sd"] == pytest.approx(abs(a - b) / math.sqrt(2))
+        assert m["curve_of_first_seed"] == out["methods"][name]["curve"]
+    gains = [out["accuracy_gain_vs_uniform_pruning"], other["accuracy_gain_vs_uniform_pruning"]]
+    assert both["accuracy_gain_vs_uniform_pruning"] == pytest.approx(sum(gains) / 2)
+    speedups = [out["speedup_vs_best_baseline"], other["speedup_vs_best_baseline"]]
+    assert both["speedup_vs_best_baseline_per_seed"] == speedups
+    if all(speedups):
+        assert both["speedup_vs_best_baseline"] == pytest.approx(math.sqrt(speedups[0] * speedups[1]))
+    assert both["targets_met"]["accuracy_gain"] == (both["accuracy_gain_vs_uniform_pruning"] >= 0.4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quick: minutes on 2 cores; paper: 150 rounds x 20 clients on a larger model (hours)")
     parser.add_argument("--rounds", type=int, help="override the scale's number of rounds")
     parser.add_argument("--clients", type=int, help="override the devices sampled per round")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (fleet, data split, sampling, training)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run this many seeds (SEED, SEED+1, ...) and report their means: one seed's "
+                             "differences of a few points are noise (default 1)")
     parser.add_argument("--reward", metavar="W1,W2,W3,W4",
                         help="FedSpine's reward weights: loss drop, sparsity, update norm, time (default 1,0.5,0.1,1)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CLINC150 clinc150_train_val.json")
@@ -54,6 +58,8 @@ def build_config(args: argparse.Namespace):
 
     if args.devices < 2:
         raise HearthError(f"--devices: need at least 2 (got {args.devices})")
+    if args.seeds < 1:
+        raise HearthError(f"--seeds: need at least 1 (got {args.seeds})")
     overrides = {"seed": args.seed}
     if args.reward:
         overrides["reward"] = _reward_weights(args.reward)
@@ -74,7 +80,70 @@ def run(args: argparse.Namespace) -> dict:
     # The small model's ops are too small to gain from a second thread; on a shared machine the
     # second thread's spin-waiting only costs time.
     torch.set_num_threads(1)
-    return report_dict(simulate(config, args.data), args.plot)
+    runs = []
+    for k in range(args.seeds):
+        config.seed = args.seed + k
+        # The plot shows the first seed's curves (one figure, one fleet).
+        runs.append(report_dict(simulate(config, args.data), args.plot if k == 0 else None))
+    return runs[0] if len(runs) == 1 else combine_seeds(runs)
+
+
+AVERAGED_FIELDS = ("time_to_target_s", "final_accuracy", "final_accuracy_unpruned", "accuracy_at_equal_time",
+                 "sim_time_s", "mean_round_s", "mean_rank", "mean_pruning_ratio", "wall_s")
+
+
+def combine_seeds(runs: list[dict]) -> dict:
+    """One JSON for several seeds: every method's figures and the two headline ratios as means over
+    the seeds (the speed-up as a geometric mean, being a ratio), with their standard deviations and
+    each seed's own values; the curves are the first seed's."""
+    out = dict(runs[0])
+    out["seeds"] = [r["seed"] for r in runs]
+    out["wall_s"] = sum(r["wall_s"] for r in runs)
+    methods = {}
+    for name, first in runs[0]["methods"].items():
+        merged = {"curve_of_first_seed": first["curve"]}
+        for key in AVERAGED_FIELDS:
+            values = [r["methods"][name][key] for r in runs]
+            merged[key] = _mean(values)
+            merged[key + "_sd"] = _sd(values)
+        methods[name] = merged
+    out["methods"] = methods
+    out.pop("target_accuracy", None)   # each seed has its own: see per_seed
+    out.pop("equal_time_s", None)
+    out.pop("best_baseline", None)
+    out["per_seed"] = [
+        {k: r.get(k) for k in ("seed", "target_accuracy", "equal_time_s", "best_baseline", "speedup_vs_best_baseline",
+                               "accuracy_gain_vs_uniform_pruning", "accuracy_gain_vs_uniform_pruning_at_equal_time")}
+        for r in runs
+    ]
+    if "fedspine" in methods:
+        speedups = [r.get("speedup_vs_best_baseline") for r in runs]
+        out["speedup_vs_best_baseline"] = (math.exp(_mean([math.log(x) for x in speedups]))
+                                           if all(x for x in speedups) else None)
+        out["speedup_vs_best_baseline_per_seed"] = speedups
+        for key in ("accuracy_gain_vs_uniform_pruning", "accuracy_gain_vs_uniform_pruning_at_equal_time"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                out[key] = _mean(values)
+                out[key + "_sd"] = _sd(values)
+        speed, gain = out.get("speedup_vs_best_baseline"), out.get("accuracy_gain_vs_uniform_pruning")
+        out["targets_met"] = {
+            "speedup": bool(speed is not None and speed >= PAPER_SPEEDUP),
+            "accuracy_gain": bool(gain is not None and gain >= PAPER_ACCURACY_GAIN),
+        }
+    return out
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the values that exist (a method that never reached the target has none)."""
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _sd(values: list) -> float | None:
+    """Sample standard deviation of the values that exist (none for fewer than two)."""
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) >= 2 else None
 
 
 def report_dict(report, plot: Path | None = None) -> dict:
@@ -107,6 +176,7 @@ def report_dict(report, plot: Path | None = None) -> dict:
         "clients_per_round": config.clients_per_round,
         "local_steps": config.local_steps,
         "batch_size": config.batch_size,
+        "seed": config.seed,
         "target_sparsity": config.target_sparsity,
         "reward_weights": asdict(config.reward),
         "fleet": [asdict(c) for c in config.fleet],
