@@ -80,6 +80,26 @@ def test_round_plan_truncates_the_global_state_and_prunes_at_least_the_schedule(
         assert int(kept[0]) == max(1, round(HEADS * (1 - plan.ratio)))
 
 
+def test_only_devices_not_faster_than_their_round_may_prune_beyond_the_schedule():
+    from training.bandit import BanditConfig
+
+    # Every arm of this bandit asks for 0.75, above the schedule.
+    server = _server(bandit=BanditConfig(ratio_min=0.7, ratio_max=0.8, grid_ratios=1, grid_ranks=1))
+    plans = server.plan_round(["fast", "slow"])          # warmup: nobody prunes
+    assert [p.ratio for p in plans] == [0.0, 0.0]
+    server.aggregate_round([_report(plans[0], 1.0), _report(plans[1], 9.0)], opened_at_s=0.0)
+    assert server.last_relative_time == {"fast": pytest.approx(0.2), "slow": pytest.approx(1.8)}
+    floor = sparsity_at(1, server.config)
+    plans = {p.device: p for p in server.plan_round(["fast", "slow", "new"])}
+    # In a synchronous round the fast device's extra pruning would shorten nothing: the schedule only.
+    assert plans["fast"].ratio == pytest.approx(floor) and 0 < floor < 0.75
+    assert plans["slow"].ratio == pytest.approx(0.75) and plans["new"].ratio == pytest.approx(0.75)
+    assert plans["fast"].rank == plans["slow"].rank      # the rank stays the bandit's choice
+    # A device that misses a round counts as slow from then on.
+    server.aggregate_round([_report(plans["fast"], 2.0), _report(plans["slow"], 2.0)], opened_at_s=0.0)
+    assert server.last_relative_time["new"] == pytest.approx(2.0)
+
+
 def test_quorum_closes_the_round_and_late_reports_change_nothing():
     server = _server(quorum=2 / 3)
     plans = server.plan_round(["a", "b", "c"])
@@ -173,6 +193,7 @@ def test_checkpoint_round_trips(tmp_path):
         assert torch.equal(loaded.lora[name].a, f.a) and torch.equal(loaded.lora[name].b, f.b)
     assert torch.equal(loaded.importance[0], server.importance[0])
     assert {n: b.state for n, b in loaded.bandits.items()} == {n: b.state for n, b in server.bandits.items()}
+    assert loaded.last_relative_time == server.last_relative_time and set(server.last_relative_time) == {"a", "b"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary left behind
 
 
