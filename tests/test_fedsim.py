@@ -194,6 +194,6 @@ def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
     assert both["accuracy_gain_vs_uniform_pruning"] == pytest.approx(sum(gains) / 2)
     speedups = [out["speedup_vs_best_baseline"], other["speedup_vs_best_baseline"]]
     assert both["speedup_vs_best_baseline_per_seed"] == speedups
-    if all(speedups):
-        assert both["speedup_vs_best_baseline"] == pytest.approx(math.sqrt(speedups[0] * speedups[1]))
+    assert all(speedups)   # both seeds of this tiny fleet have one (0.17 and 1.31 here)
+    assert both["speedup_vs_best_baseline"] == pytest.approx(math.sqrt(speedups[0] * speedups[1]))
     assert both["targets_met"]["accuracy_gain"] == (both["accuracy_gain_vs_uniform_pruning"] >= 0.4)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 AVERAGED_FIELDS = ("time_to_target_s", "final_accuracy", "final_accuracy_unpruned", "accuracy_at_equal_time",
-                 "sim_time_s", "mean_round_s", "mean_rank", "mean_pruning_ratio", "wall_s")
+                   "sim_time_s", "mean_round_s", "mean_rank", "mean_pruning_ratio", "wall_s")
 
 
 def combine_seeds(runs: list[dict]) -> dict:
