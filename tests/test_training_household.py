@@ -2,7 +2,8 @@
 paraphrased eval questions with the expected fact far more often than before (both methods).
 
 The settings are the calibrated ones of docs/training.md, shortened for the test: PAC from the
-activation cache at a higher learning rate, LoRA r=16 on all linear layers at a higher rate.
+activation cache at the product's defaults (25 epochs, lr 1e-3) with batch 4, LoRA r=16 on all
+linear layers at a higher rate.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def test_pac_learns_the_household_facts(smollm2, questions, recall_before, heart
     from training.trainer import train
 
     spec = JobSpec(name="household-pac", data=str(HOUSEHOLD / "train.jsonl"), method="pac", epochs=25,
-                   lr=3e-3, batch_size=4)
+                   batch_size=4)
     result = train(spec, backbone=smollm2, save=False)
     after = fact_recall(PersonalLM(smollm2.model, smollm2.tokenizer, result.module), questions).hits
     print(f"household recall, PAC: before {recall_before}/20, after {after}/20, train {result.wall_s:.1f} s")
     assert recall_before <= 2
-    assert after >= 9 and after >= recall_before + 7
+    assert after >= 11 and after >= recall_before + 9
 
 
 @pytest.mark.slow

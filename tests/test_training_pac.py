@@ -131,14 +131,19 @@ def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home
     monkeypatch.setattr(parallel_adapters, "backbone_taps", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = _pac_spec("count", HOUSEHOLD / "train.jsonl", epochs=4)
     result = train(spec, backbone=tiny_backbone, save=False)
-    # 20 samples in shards of 8, each shard's passes sorted by length (about 4 samples' tokens
-    # each): those passes fill the cache, then none
+    # The side chain's calibration (the first 16 samples of epoch 1's order), then 20 samples in
+    # shards of 8, each shard's passes sorted by length (about 4 samples' tokens each): those
+    # passes fill the cache, then none
     from training.data import read_conversations, tokenize
-    from training.trainer import length_chunks
+    from training.job import batch_plan
+    from training.trainer import CALIBRATION_SAMPLES, length_chunks
 
     examples = tokenize(read_conversations(Path(spec.data)), tiny_backbone.tokenizer, spec.max_length)
+    first = [i for batch in batch_plan(20, 4, spec.seed, 0) for i in batch][:CALIBRATION_SAMPLES]
+    calibration = len(length_chunks(examples, first, 4))
     passes = sum(len(length_chunks(examples, list(range(b, min(b + 8, 20))), 4)) for b in range(0, 20, 8))
-    assert 5 <= passes <= 10 and len(calls) == passes
+    assert 5 <= passes <= 10 and 3 <= calibration <= 8
+    assert len(calls) == calibration + passes
     assert result.steps == 20
 
 
@@ -250,3 +255,61 @@ def test_batched_greedy_answers_match_one_at_a_time(tiny_backbone):
     for side in (None, chain):
         lm = PersonalLM(tiny_backbone.model, tiny_backbone.tokenizer, side)
         assert lm.answers(questions, 8, batch_size=4) == [lm.answer(q, 8) for q in questions]
+
+
+def test_calibration_standardises_every_channel_and_floors_the_constant_ones():
+    """A tap whose channels differ in scale by 100,000 (as a small model's massive activations
+    do) and one channel that never varies: after `calibrate` each channel reaches Down with mean 0
+    and deviation 1, except that one at the floor's scale (1% of the median deviation) is damped
+    rather than blown up and the constant one stays finite; the untrained chain still adds 0."""
+    from training.parallel_adapters import SideChain, SideChainConfig
+
+    torch.manual_seed(0)
+    chain = SideChain(SideChainConfig(hidden_size=8, num_layers=2, taps=[0, 1], bottleneck=2))
+    scale = torch.tensor([1000.0, 1, 1, 1, 0.01, 5, 1, 1])
+    taps = torch.randn(400, 2, 8) * scale + 3.0
+    taps[:, :, 7] = 42.0
+    chain.calibrate(taps)
+    z = (taps - chain.input_mean) / chain.input_std
+    assert torch.allclose(z[..., :7].mean(dim=0), torch.zeros(2, 7), atol=1e-4)
+    varying = [0, 1, 2, 3, 5, 6]
+    assert torch.allclose(z[..., varying].std(dim=0), torch.ones(2, 6), atol=2e-2)
+    assert 0.4 < float(z[..., 4].std(dim=0).min()) and float(z[..., 4].std(dim=0).max()) < 0.6
+    assert torch.isfinite(z).all() and float(chain.input_std[:, 7].min()) > 0
+    assert torch.equal(chain(taps), torch.zeros(400, 8))
+    with pytest.raises(Exception, match="two labelled positions"):
+        chain.calibrate(taps[:1])
+
+
+def test_a_job_calibrates_its_side_chain_on_its_first_samples_and_saves_the_statistics(tiny_backbone, hearth_home):
+    """The statistics come from the first samples of epoch 1's order, are the same with and
+    without the cache, and travel with the saved model (a chain saved without them is refused
+    with a message naming its folder)."""
+    import json
+
+    from core.errors import HearthError
+    from training.data import read_conversations, tokenize
+    from training.job import batch_plan
+    from training.trainer import CALIBRATION_SAMPLES, SIDE_CHAIN_CONFIG, load_side_chain, taps_at_labels, train
+
+    spec = _pac_spec("calibrated", HOUSEHOLD / "train.jsonl", epochs=1)
+    result = train(spec, backbone=tiny_backbone)
+    chain = result.module
+    examples = tokenize(read_conversations(HOUSEHOLD / "train.jsonl"), tiny_backbone.tokenizer, spec.max_length)
+    first = [i for batch in batch_plan(len(examples), 4, spec.seed, 0) for i in batch][:CALIBRATION_SAMPLES]
+    taps = torch.cat([taps_at_labels(tiny_backbone.model, chain.config, examples, [i], 0)[0] for i in first])
+    assert torch.allclose(chain.input_mean, taps.mean(dim=0), rtol=1e-4, atol=1e-4)
+    assert float(chain.input_std.min()) > 0 and not torch.equal(chain.input_std, torch.ones_like(chain.input_std))
+    plain = train(_pac_spec("calibrated-plain", HOUSEHOLD / "train.jsonl", epochs=1, cache=False),
+                  backbone=tiny_backbone, save=False)
+    assert torch.equal(plain.module.input_mean, chain.input_mean)
+
+    folder = result.output
+    loaded = load_side_chain(folder)
+    assert torch.equal(loaded.input_mean, chain.input_mean) and torch.equal(loaded.input_std, chain.input_std)
+    config = json.loads((folder / SIDE_CHAIN_CONFIG).read_text())
+    del config["inputs"]
+    (folder / SIDE_CHAIN_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(HearthError, match="train the model again") as caught:
+        load_side_chain(folder)
+    assert str(folder) in str(caught.value)

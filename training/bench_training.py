@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs for every method (at least 3)")
     parser.add_argument("--clinc-intents", type=int, default=10, help="CLINC150 intents in the subset")
     parser.add_argument("--clinc-train", type=int, default=6, help="training rows per intent")
-    parser.add_argument("--clinc-eval", type=int, default=3, help="held-out val rows per intent")
+    parser.add_argument("--clinc-eval", type=int, default=10, help="held-out val rows per intent")
     parser.add_argument("--full-steps", type=int, default=6, help="steps full fine-tuning really runs")
     parser.add_argument("--methods", default=",".join(m.key for m in METHODS), help="comma-separated subset")
     parser.add_argument("--data-dir", default=str(SHARED / "data"), help="the shared data folder")

@@ -31,7 +31,7 @@ METHODS = ("pac", "lora", "full")
 QUANTS = ("none", "nf4", "int8")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
-DEFAULT_LR = {"pac": 2e-3, "lora": 4e-4, "full": 2e-5}
+DEFAULT_LR = {"pac": 1e-3, "lora": 4e-4, "full": 2e-5}
 # Chosen on the household fixture (docs/training.md): enough passes for 20 facts to stick.
 DEFAULT_EPOCHS = {"pac": 25, "lora": 25, "full": 3}
 

@@ -2,9 +2,17 @@
 
 ALGORITHMS.md section 1. The backbone runs without gradients; forward hooks copy the output hidden
 state h_i of each tapped layer i. The side chain starts at a_0 = 0 and for each tap in order adds
-    a_i = a_prev + Up_i(act(Down_i(norm_i(h_i + a_prev))))
-with Up_i initialised to zero. The model's logits are LMHead(FinalNorm(h_L + a_last)), using the
-backbone's own final norm and LM head (frozen). With Up at zero this is exactly the base model.
+    a_i = a_prev + Up_i(act(Down_i(z_i + a_prev))),   z_i = (h_i - mean_i) / std_i
+with Up_i initialised to zero. The model's logits are LMHead(FinalNorm(h_L + rms(h_L) * a_last)),
+using the backbone's own final norm and LM head (frozen). With Up at zero this is exactly the base
+model.
+
+Why standardised inputs and a scaled output (docs/training.md, "Input statistics"): a small
+model's hidden states have a few channels hundreds of times larger than the rest, so a per-token
+norm squeezes the informative channels to nothing; and the last hidden state's scale (RMS about
+33 in SmolLM2-135M) dwarfs what zero-initialised Up layers add in a few dozen steps. mean_i and
+std_i are fixed per channel, measured once on the job's own first samples (`calibrate`), and
+saved with the chain.
 
 The chain is per token (no attention), so only the positions whose next token carries a label
 matter for training: the activation cache stores just those, and the loss is computed on just
@@ -34,7 +42,9 @@ class SideChainConfig:
     num_layers: int
     taps: list[int]          # 0-based decoder layers, ascending; the last is num_layers - 1
     bottleneck: int
-    norm_eps: float = 1e-5
+    # How the chain reads its taps. Chains saved before input statistics existed lack the field
+    # and are refused by `from_dict` (their weights expect per-token RMS-normalised inputs).
+    inputs: str = "standardised"
 
     @classmethod
     def for_backbone(cls, backbone: Any, every: int = 3, reduction: int = 8) -> "SideChainConfig":
@@ -44,14 +54,16 @@ class SideChainConfig:
         d = int(config.hidden_size)
         if every < 1 or reduction < 1:
             raise HearthError("side chain: tap spacing and reduction must be at least 1")
-        return cls(d, layers, default_taps(layers, every), max(1, d // reduction),
-                   float(getattr(config, "rms_norm_eps", 1e-5)))
+        return cls(d, layers, default_taps(layers, every), max(1, d // reduction))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SideChainConfig":
+        if data.get("inputs") != "standardised":
+            raise HearthError("this side chain was trained by an earlier Hearth (per-token normalised inputs); "
+                              "train the model again")
         return cls(**data)
 
 
@@ -63,28 +75,46 @@ def default_taps(num_layers: int, every: int) -> list[int]:
 
 
 class SideChain(nn.Module):
-    """The trainable part: one norm + Down + Up per tap."""
+    """The trainable part: Down + Up per tap, and each tap's fixed input statistics."""
 
     def __init__(self, config: SideChainConfig):
         super().__init__()
         self.config = config
-        d, b = config.hidden_size, config.bottleneck
-        self.norms = nn.ModuleList(nn.RMSNorm(d, eps=config.norm_eps) for _ in config.taps)
+        d, b, n = config.hidden_size, config.bottleneck, len(config.taps)
         self.downs = nn.ModuleList(nn.Linear(d, b) for _ in config.taps)
         self.ups = nn.ModuleList(nn.Linear(b, d) for _ in config.taps)
         self.act = nn.GELU()
+        # Per tap and channel; buffers, not trained. Identity until `calibrate`.
+        self.register_buffer("input_mean", torch.zeros(n, d))
+        self.register_buffer("input_std", torch.ones(n, d))
         for up in self.ups:
             # Zero Up: the untrained chain adds nothing, so step 0 is the pretrained model.
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
 
+    @torch.no_grad()
+    def calibrate(self, taps: torch.Tensor) -> None:
+        """Set each tap's per-channel mean and standard deviation from `taps` [N, n_taps, d].
+
+        A channel that hardly varies gets a floor of 1% of its tap's median deviation, so that
+        an unusual token cannot blow it up by dividing by almost zero."""
+        taps = taps.float()
+        if taps.shape[0] < 2:
+            raise HearthError("side chain: at least two labelled positions are needed to calibrate")
+        std = taps.std(dim=0)
+        floor = 0.01 * std.median(dim=-1, keepdim=True).values
+        self.input_mean.copy_(taps.mean(dim=0))
+        self.input_std.copy_(std + floor)
+
     def forward(self, taps: torch.Tensor) -> torch.Tensor:
-        """`taps` [..., n_taps, d] (float) -> a_last [..., d]."""
+        """`taps` [..., n_taps, d] (float) -> the delta for h_L [..., d]."""
         a = torch.zeros_like(taps[..., 0, :])
         for k in range(len(self.config.taps)):
-            x = self.norms[k](taps[..., k, :] + a)
-            a = a + self.ups[k](self.act(self.downs[k](x)))
-        return a
+            z = (taps[..., k, :] - self.input_mean[k]) / self.input_std[k]
+            a = a + self.ups[k](self.act(self.downs[k](z + a)))
+        # In units of h_L's own per-token scale, so that Up's small early weights already matter.
+        last = taps[..., -1, :]
+        return a * last.square().mean(dim=-1, keepdim=True).sqrt()
 
 
 def freeze(backbone: Any) -> None:
@@ -133,7 +163,7 @@ def backbone_taps(backbone: Any, config: SideChainConfig, input_ids: torch.Tenso
 
 
 def head_logits(backbone: Any, chain: SideChain, taps: torch.Tensor) -> torch.Tensor:
-    """LMHead(FinalNorm(h_L + a_last)); gradients flow into the chain only."""
+    """LMHead(FinalNorm(h_L + rms(h_L) * a_last)); gradients flow into the chain only."""
     a = chain(taps)
     hidden = taps[..., -1, :] + a
     norm = backbone.model.norm

@@ -815,7 +815,7 @@ class _PooledJob:
             run._restore(checkpoint)
             step, losses = checkpoint.step, list(checkpoint.losses)
         result = TrainResult(spec, total, losses, 0.0, resumed_from=step, steps_per_epoch=per_epoch,
-                             trainable_parameters=sum(p.numel() for p in run.trainable_state().values()))
+                             trainable_parameters=run.trainable_parameters)
         epoch_step_s: list[float] = []
         bytes_per_step: list[float] = []
         started = time.perf_counter()

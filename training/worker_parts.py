@@ -316,7 +316,8 @@ class WorkerJob:
             return weights_digest(self.chain)
 
     def _load_state(self, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-        params = dict(self.chain.named_parameters())
+        # The weights and the input statistics (buffers), which the coordinator measured.
+        params = {**dict(self.chain.named_parameters()), **dict(self.chain.named_buffers())}
         if set(weights) != set(params):
             raise ValueError("pac.step: the weights do not match this job's side chain")
         with torch.no_grad():
