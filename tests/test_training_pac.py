@@ -131,19 +131,14 @@ def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home
     monkeypatch.setattr(parallel_adapters, "backbone_taps", lambda *a, **k: calls.append(1) or real(*a, **k))
     spec = _pac_spec("count", HOUSEHOLD / "train.jsonl", epochs=4)
     result = train(spec, backbone=tiny_backbone, save=False)
-    # The side chain's calibration (the first 16 samples of epoch 1's order), then 20 samples in
-    # shards of 8, each shard's passes sorted by length (about 4 samples' tokens each): those
-    # passes fill the cache, then none
+    # 20 samples in shards of 8, each shard's passes sorted by length (about 4 samples' tokens
+    # each): those passes fill the cache (the side chain is calibrated from it), then none
     from training.data import read_conversations, tokenize
-    from training.job import batch_plan
-    from training.trainer import CALIBRATION_SAMPLES, length_chunks
+    from training.trainer import length_chunks
 
     examples = tokenize(read_conversations(Path(spec.data)), tiny_backbone.tokenizer, spec.max_length)
-    first = [i for batch in batch_plan(20, 4, spec.seed, 0) for i in batch][:CALIBRATION_SAMPLES]
-    calibration = len(length_chunks(examples, first, 4))
     passes = sum(len(length_chunks(examples, list(range(b, min(b + 8, 20))), 4)) for b in range(0, 20, 8))
-    assert 5 <= passes <= 10 and 3 <= calibration <= 8
-    assert len(calls) == calibration + passes
+    assert 5 <= passes <= 10 and len(calls) == passes
     assert result.steps == 20
 
 
@@ -282,27 +277,29 @@ def test_calibration_standardises_every_channel_and_floors_the_constant_ones():
 
 
 def test_a_job_calibrates_its_side_chain_on_its_first_samples_and_saves_the_statistics(tiny_backbone, hearth_home):
-    """The statistics come from the first samples of epoch 1's order, are the same with and
-    without the cache, and travel with the saved model (a chain saved without them is refused
-    with a message naming its folder)."""
+    """The statistics come from the first samples of epoch 1's order (read from the cache, or
+    from a backbone pass without it), and travel with the saved model (a chain saved without them
+    is refused with a message naming its folder)."""
     import json
 
     from core.errors import HearthError
     from training.data import read_conversations, tokenize
-    from training.job import batch_plan
-    from training.trainer import CALIBRATION_SAMPLES, SIDE_CHAIN_CONFIG, load_side_chain, taps_at_labels, train
+    from training.trainer import SIDE_CHAIN_CONFIG, calibration_samples, load_side_chain, taps_at_labels, train
 
     spec = _pac_spec("calibrated", HOUSEHOLD / "train.jsonl", epochs=1)
     result = train(spec, backbone=tiny_backbone)
     chain = result.module
     examples = tokenize(read_conversations(HOUSEHOLD / "train.jsonl"), tiny_backbone.tokenizer, spec.max_length)
-    first = [i for batch in batch_plan(len(examples), 4, spec.seed, 0) for i in batch][:CALIBRATION_SAMPLES]
+    first = calibration_samples(len(examples), spec)
+    assert len(first) == 16 and len(set(first)) == 16
     taps = torch.cat([taps_at_labels(tiny_backbone.model, chain.config, examples, [i], 0)[0] for i in first])
-    assert torch.allclose(chain.input_mean, taps.mean(dim=0), rtol=1e-4, atol=1e-4)
+    # the job's cache is float16: its rounding, no more
+    assert torch.allclose(chain.input_mean, taps.mean(dim=0), rtol=1e-3, atol=1e-3)
     assert float(chain.input_std.min()) > 0 and not torch.equal(chain.input_std, torch.ones_like(chain.input_std))
     plain = train(_pac_spec("calibrated-plain", HOUSEHOLD / "train.jsonl", epochs=1, cache=False),
                   backbone=tiny_backbone, save=False)
-    assert torch.equal(plain.module.input_mean, chain.input_mean)
+    assert torch.allclose(plain.module.input_mean, taps.mean(dim=0), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(plain.module.input_std, chain.input_std, rtol=1e-2, atol=1e-3)
 
     folder = result.output
     loaded = load_side_chain(folder)

@@ -819,6 +819,8 @@ class _PooledJob:
         epoch_step_s: list[float] = []
         bytes_per_step: list[float] = []
         started = time.perf_counter()
+        if checkpoint is None:
+            run.calibrate_chain()   # here, on the coordinator; replicas get the statistics with the state
         epoch_started, epoch_steps, epoch_bytes = time.perf_counter(), 0, self.bytes
         last_checkpoint, done_here = time.perf_counter(), 0
         while step < total:

@@ -139,9 +139,7 @@ class _Run:
             from training.parallel_adapters import SideChain, SideChainConfig
 
             self.chain_config = SideChainConfig.for_backbone(model, spec.tap_every, spec.reduction)
-            chain = SideChain(self.chain_config)
-            calibrate(chain, model, self.examples, spec, self.pad_id)
-            return chain
+            return SideChain(self.chain_config)   # calibrated in `execute` (a new job) or restored
         if spec.method == "lora":
             from training.lora import LoraSettings, build_lora_model
 
@@ -187,6 +185,8 @@ class _Run:
         started = time.perf_counter()
         if spec.method == "pac" and spec.cache and step < total:
             result.cache_s = self._fill_cache()
+        if spec.method == "pac" and checkpoint is None:
+            self.calibrate_chain()
         epoch_started, last_checkpoint, done_here = time.perf_counter(), time.perf_counter(), 0
         while step < total:
             epoch = step // per_epoch
@@ -227,6 +227,20 @@ class _Run:
             fill_shard(self.cache, shard, model, self.chain_config, self.examples, spec.batch_size, self.pad_id)
             self.emit(ProgressEvent("cache", message=f"activation cache shard {n + 1}/{len(missing)}"))
         return time.perf_counter() - started
+
+    def calibrate_chain(self) -> None:
+        """PAC, a new job: the side chain's input statistics from the first samples of epoch 1's
+        order, read from the activation cache when there is one, else from a backbone pass over
+        them (a resumed job's checkpoint carries the statistics)."""
+        first = calibration_samples(len(self.examples), self.spec)
+        if not first:
+            return
+        if self.cache is not None:
+            taps = self.cache.batch(first)[0]
+        else:
+            taps = torch.cat([taps_at_labels(self.backbone.model, self.chain_config, self.examples, chunk, self.pad_id)[0]
+                              for chunk in length_chunks(self.examples, first, self.spec.batch_size)])
+        self.module.calibrate(taps)
 
     def _step(self, indices: list[int]) -> float:
         spec = self.spec
@@ -315,21 +329,15 @@ def length_chunks(examples: list[Example], indices: list[int], batch_size: int) 
 
 
 # Samples whose labelled positions give a new side chain its input statistics: the first of
-# epoch 1's batch order. On the CLINC150 subset of `hearth bench training`, 8, 16 or 32 samples
-# gave the same accuracy as all 80 (docs/training.md); the pass costs about a fifth of an epoch there.
+# epoch 1's batch order. On the CLINC150 subset of `hearth bench training`, the first 8, 16 or 32
+# samples gave the same accuracy as all 80 (docs/training.md).
 CALIBRATION_SAMPLES = 16
 
 
-def calibrate(chain: Any, model: Any, examples: list[Example], spec: Any, pad_id: int) -> None:
-    """A new side chain's input statistics, from a backbone pass over the job's first samples.
-    Deterministic for a job (seed, data, backbone), so a resumed or pooled job measures the same."""
-    if not examples:
-        return
-    order = [i for batch in batch_plan(len(examples), spec.batch_size, spec.seed, 0) for i in batch]
-    chosen = order[:CALIBRATION_SAMPLES]
-    parts = [taps_at_labels(model, chain.config, examples, chunk, pad_id)[0]
-             for chunk in length_chunks(examples, chosen, spec.batch_size)]
-    chain.calibrate(torch.cat(parts))
+def calibration_samples(n_samples: int, spec: Any) -> list[int]:
+    """The samples a new side chain is calibrated on; the same wherever the job runs."""
+    order = [i for batch in batch_plan(n_samples, spec.batch_size, spec.seed, 0) for i in batch]
+    return order[:CALIBRATION_SAMPLES]
 
 
 def fill_shard(cache: ActivationCache, shard: int, model: Any, chain_config: Any, examples: list[Example],
