@@ -357,14 +357,19 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
     """Devices keep replicas and are sent only the sum or the others' contributions: each must
     rebuild the coordinator's sum exactly, whatever its place in the order, and take steps it had
     no sample in (20 samples in batches of 6 leave some device out of the last step of each
-    epoch). Two devices in-process here, through the same job parts a remote worker runs."""
+    epoch), at the coordinator's learning rate for each step. Two devices in-process here,
+    through the same job parts a remote worker runs."""
+    from training.job import scheduled_lr
     from training.pooled import train_pooled
-    from training.worker_parts import CLOSE, WorkerJobs
+    from training.worker_parts import APPLY, CLOSE, WorkerJobs
 
     finals: dict[str, dict] = {}
+    rates: dict[int, set[float]] = {}
 
     class Recording(WorkerJobs):
         def handle(self, owner, type, fields, tensors):
+            if type == APPLY:
+                rates.setdefault(fields["step"], set()).add(fields["lr"])
             if type == CLOSE:
                 job = self.jobs.get(owner, fields["job"])
                 finals[self.name] = {k: v.detach().clone() for k, v in job.chain.named_parameters()}
@@ -374,6 +379,8 @@ def test_every_replica_ends_equal_to_the_coordinators_side_chain_bit_for_bit(not
     spec = _spec(notes, stories_gguf, "pooled-replicas", epochs=2)
     pooled = train_pooled(spec, devices, backbone=backbone, save=False)
     assert pooled.lost == [] and set(finals) == {"left", "right"}
+    steps = len(pooled.result.losses)
+    assert rates == {step: {scheduled_lr(spec.learning_rate, step, steps)} for step in range(steps)}
     master = dict(pooled.result.module.named_parameters())
     for name, weights in finals.items():
         assert all(torch.equal(weights[k], master[k].detach()) for k in master), name

@@ -97,6 +97,27 @@ def test_sliced_loss_gives_the_whole_batchs_loss_and_gradients(tiny_backbone, ho
         assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-7), name
 
 
+def test_the_loss_floor_changes_neither_loss_nor_gradients():
+    """The adapter's loss raises logits far below their row's largest (exp() of them would be
+    subnormal, which is slow): on logits spread over hundreds, loss and gradients are the plain
+    cross-entropy's."""
+    from training.parallel_adapters import SOFTMAX_RANGE, floored_cross_entropy
+
+    torch.manual_seed(0)
+    base = torch.randn(64, 1000) * 100
+    targets = torch.randint(0, 1000, (64,))
+    spread = base.amax(dim=-1) - base.amin(dim=-1)
+    assert float(spread.min()) > 2 * SOFTMAX_RANGE   # the floor really acts on every row
+    floored = base.clone().requires_grad_(True)
+    plain = base.clone().requires_grad_(True)
+    a = floored_cross_entropy(floored, targets)
+    b = torch.nn.functional.cross_entropy(plain, targets)
+    a.backward()
+    b.backward()
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    assert torch.allclose(floored.grad, plain.grad, rtol=1e-5, atol=1e-12)
+
+
 def _pac_spec(name: str, data: Path, **overrides):
     from training.job import JobSpec
 
@@ -310,3 +331,25 @@ def test_a_job_calibrates_its_side_chain_on_its_first_samples_and_saves_the_stat
     with pytest.raises(HearthError, match="train the model again") as caught:
         load_side_chain(folder)
     assert str(folder) in str(caught.value)
+
+
+@pytest.mark.parametrize("method", ["pac", "lora"])
+def test_every_step_runs_at_the_cosine_schedules_rate(method, tiny_backbone, hearth_home, monkeypatch):
+    """A job's rate decays from its peak at step 0 to near zero at its last step, as a function
+    of the step alone (so a resumed job and pooled replicas, which are sent the rate, agree)."""
+    from training import job, trainer
+
+    peak = 2e-3
+    rates = [job.scheduled_lr(peak, step, 10) for step in range(10)]
+    assert rates[0] == peak and rates[5] == pytest.approx(peak / 2)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and 0 < rates[-1] < peak / 30
+    seen = []
+    real = job.set_learning_rate
+    monkeypatch.setattr(job, "set_learning_rate", lambda optimizer, lr: (seen.append(lr), real(optimizer, lr)))
+    monkeypatch.setattr(trainer, "set_learning_rate", job.set_learning_rate)
+    # 20 household samples, batch 4: 5 steps an epoch, 10 in all
+    spec = _pac_spec(f"schedule-{method}", HOUSEHOLD / "train.jsonl", epochs=2, method=method, lr=peak)
+    result = trainer.train(spec, backbone=tiny_backbone, save=False)
+    if method == "lora":
+        result.module.unload()
+    assert seen == rates

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(m.key for m in METHODS), help="comma-separated subset")
     parser.add_argument("--data-dir", default=str(SHARED / "data"), help="the shared data folder")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method (default 2)")
-    parser.add_argument("--pac-lr", type=float, help="learning rate of the PAC methods (default: the product's)")
+    parser.add_argument("--pac-lr", type=float, help="peak learning rate of the PAC methods (default: the product's)")
+    parser.add_argument("--lora-lr", type=float, help="peak learning rate of the LoRA methods (default: the product's)")
     parser.add_argument("--plot", help="write a PNG of time and memory per method")
 
 
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
                       "train_file": str(train_file), "eval_file": str(eval_file),
                       "household_eval": str(data_dir / "household" / "eval.jsonl"),
                       "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home"),
-                      "threads": args.threads, "pac_lr": args.pac_lr}
+                      "threads": args.threads, "pac_lr": args.pac_lr,
+                      "lora_lr": args.lora_lr}
             results[method.key] = _run_worker(config, work / f"{method.key}.json")
             print(f"[bench training] {method.key}: {json.dumps(results[method.key])}", file=sys.stderr, flush=True)
     report = summarise(results, args, counts)
@@ -178,7 +180,7 @@ def worker(config: dict, result_file: Path) -> None:
     targets: list[str] | str = method.lora_targets.split(",") if "," in method.lora_targets else method.lora_targets
     spec = JobSpec(name=f"bench-{method.key}", data=config["train_file"], model=config["model"],
                    method=method.method, epochs=config["epochs"], quant=method.quant, cache=method.cache,
-                   lr=config.get("pac_lr") if method.method == "pac" else None,
+                   lr={"pac": config.get("pac_lr"), "lora": config.get("lora_lr")}.get(method.method),
                    lora_rank=method.lora_rank, lora_targets=targets,
                    max_steps=config["full_steps"] if method.method == "full" else None)
     reset = _reset_peak_rss()
@@ -196,6 +198,7 @@ def worker(config: dict, result_file: Path) -> None:
     out["cache_fill_s"] = round(result.cache_s, 2)
     out["final_loss"] = round(result.final_loss, 4) if result.final_loss is not None else None
     out["trainable_parameters"] = result.trainable_parameters
+    out["peak_lr"] = spec.learning_rate   # decayed to zero over the job (job.scheduled_lr)
     module = result.module
     if method.method == "pac":
         lm = PersonalLM(backbone.model, backbone.tokenizer, module)

@@ -117,6 +117,10 @@ class SideChain(nn.Module):
         return a * last.square().mean(dim=-1, keepdim=True).sqrt()
 
 
+# exp(-87.3) is float32's smallest normal number; see `chain_loss`.
+SOFTMAX_RANGE = 80.0
+
+
 def freeze(backbone: Any) -> None:
     """Backbone, embeddings and LM head are frozen; dropout off (the cache depends on it)."""
     backbone.eval()
@@ -181,8 +185,20 @@ def labelled_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def chain_loss(backbone: Any, chain: SideChain, taps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the targets given taps [N, n_taps, d] at their positions."""
-    logits = head_logits(backbone, chain, taps)
-    return nn.functional.cross_entropy(logits, targets)
+    return floored_cross_entropy(head_logits(backbone, chain, taps), targets)
+
+
+def floored_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with logits more than SOFTMAX_RANGE below their row's largest raised to that:
+    their probability (below 2e-35) changes nothing, but left alone, exp() turns them into
+    subnormal floats, which the CPU computes several times slower. A confident side chain spreads
+    its logits that far: adapter steps went from 0.068 to 0.18 s in later epochs (docs/training.md).
+    The target's own logit is never floored, so a badly wrong answer keeps its full loss and
+    gradient."""
+    floor = logits.detach().amax(dim=-1, keepdim=True) - SOFTMAX_RANGE
+    column = targets.unsqueeze(-1)
+    floored = torch.maximum(logits, floor).scatter(-1, column, logits.gather(-1, column))
+    return nn.functional.cross_entropy(floored, targets)
 
 
 def full_logits(backbone: Any, chain: SideChain, input_ids: torch.Tensor,

@@ -65,7 +65,7 @@ from core.errors import HearthError
 from core.paths import hearth_paths
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, fold, load_checkpoint, save_checkpoint,
-    steps_per_epoch, weighted, weights_digest,
+    scheduled_lr, steps_per_epoch, weighted, weights_digest,
 )
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
@@ -330,6 +330,7 @@ class _PooledJob:
         self.pool = ThreadPoolExecutor(max_workers=2 * len(self.members) + 2, thread_name_prefix="pooled")
         self.attempt = 0
         self.step = 0
+        self.lr = spec.learning_rate   # the step's rate, sent to the replicas with its sum
         self.per_epoch = steps_per_epoch(len(run.examples), spec.batch_size)
         self._sha256: str | None = None
         self.plan: Plan | None = None
@@ -642,7 +643,8 @@ class _PooledJob:
                     for k, later in enumerate(order[j + 1:]):
                         tensors.update({f"a{k}.{n}": v for n, v in contributions[later].items()})
                     after = len(order) - j - 1
-            fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "after": after}
+            fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "after": after,
+                      "lr": self.lr}
             reply = self._call(by_name[name], APPLY, fields, tensors or None, timeout=self.step_timeout_s)
             by_name[name].version = self.step + 1
             digests[name] = reply.fields.get("digest")
@@ -779,7 +781,7 @@ class _PooledJob:
                 break
             except MemberLost:
                 self._reassign()
-        apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm)
+        apply_gradients(self.run.module, self.run.optimizer, grads, self.spec.max_grad_norm, self.lr)
         self._check_replicas(digests)
         return loss
 
@@ -830,6 +832,7 @@ class _PooledJob:
                 if step == per_epoch:
                     self._rebalance(-(-(total - step) // per_epoch))
             self.step = step
+            self.lr = scheduled_lr(spec.learning_rate, step, per_epoch * spec.epochs)
             batch = batch_plan(n, spec.batch_size, spec.seed, epoch)[step % per_epoch]
             losses.append(self.step_once(batch))
             step += 1

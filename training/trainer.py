@@ -35,7 +35,7 @@ from training.activation_cache import ActivationCache, CacheKey, tokenizer_finge
 from training.data import Example, collate, examples_fingerprint, read_conversations, tokenize
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, make_optimizer,
-    pac_gradients, save_checkpoint, steps_per_epoch,
+    pac_gradients, save_checkpoint, scheduled_lr, set_learning_rate, steps_per_epoch,
 )
 from training.model_store import MANIFEST, PersonalModel, resolve
 
@@ -191,7 +191,7 @@ class _Run:
         while step < total:
             epoch = step // per_epoch
             batch = batch_plan(len(self.examples), spec.batch_size, spec.seed, epoch)[step % per_epoch]
-            losses.append(self._step(batch))
+            losses.append(self._step(batch, scheduled_lr(spec.learning_rate, step, per_epoch * spec.epochs)))
             step += 1
             done_here += len(batch)
             end_of_epoch = step % per_epoch == 0 or step == total
@@ -242,7 +242,7 @@ class _Run:
                               for chunk in length_chunks(self.examples, first, self.spec.batch_size)])
         self.module.calibrate(taps)
 
-    def _step(self, indices: list[int]) -> float:
+    def _step(self, indices: list[int], lr: float) -> float:
         spec = self.spec
         if spec.method == "pac":
             if self.cache is not None:
@@ -251,11 +251,12 @@ class _Run:
                 taps, targets = taps_at_labels(self.backbone.model, self.chain_config, self.examples, indices,
                                                self.pad_id)
             loss, grads = pac_gradients(self.backbone.model, self.module, taps, targets)
-            apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm)
+            apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm, lr)
             return loss
         from training.lora import lora_step
 
         batch = collate([self.examples[i] for i in indices], self.pad_id)
+        set_learning_rate(self.optimizer, lr)
         return lora_step(self.module, self.optimizer, batch, spec.max_grad_norm)
 
     # --- output ----------------------------------------------------------------------------

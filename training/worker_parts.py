@@ -292,10 +292,11 @@ class WorkerJob:
             return StepResult(loss, int(targets.numel()), len(indices), grads, forward_s,
                               time.perf_counter() - started)
 
-    def apply(self, step: int, attempt: int, before: dict[str, torch.Tensor] | None,
+    def apply(self, step: int, attempt: int, lr: float, before: dict[str, torch.Tensor] | None,
               after: list[dict[str, torch.Tensor]], total: dict[str, torch.Tensor] | None = None,
               wait_s: float = APPLY_WAIT_S) -> str:
-        """Take step `step`'s optimiser step with the step's `total` when the coordinator had
+        """Take step `step`'s optimiser step, at the coordinator's rate `lr` for it (the job's
+        schedule), with the step's `total` when the coordinator had
         every part, else with `before` (the devices ahead of this one, summed) + this device's
         own contribution + each of `after`, added in that order. Returns the replica's
         `weights_digest`, which the coordinator compares with its own."""
@@ -311,7 +312,7 @@ class WorkerJob:
                 terms = ([before] if before else []) + [self.pending[1]] + after
             if self.version != step:
                 raise ValueError(f"pac.apply: this device's side chain is at step {self.version}, not {step}")
-            apply_gradients(self.chain, self.optimizer, fold(terms), self.spec.max_grad_norm)
+            apply_gradients(self.chain, self.optimizer, fold(terms), self.spec.max_grad_norm, lr)
             self.version, self.pending = step + 1, None
             return weights_digest(self.chain)
 
@@ -497,6 +498,9 @@ class WorkerJobs:
             count = fields.get("after", 0)
             if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 64:
                 raise ValueError("pac.apply: field 'after' must be a small count")
+            lr = fields.get("lr")
+            if not isinstance(lr, float) or not 0.0 <= lr < 1.0:
+                raise ValueError("pac.apply: field 'lr' must be the step's learning rate (a float in [0, 1))")
             tensors = tensors or {}
             before = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")} or None
             total = {k[2:]: v for k, v in tensors.items() if k.startswith("t.")} or None
@@ -504,7 +508,7 @@ class WorkerJobs:
             for k in range(count):
                 prefix = f"a{k}."
                 after.append({name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)})
-            digest = job.apply(fields["step"], _attempt(fields), before, after, total)
+            digest = job.apply(fields["step"], _attempt(fields), lr, before, after, total)
             return {"applied": fields["step"], "digest": digest}, None
         if type == FILL:
             indices = fields["indices"]
