@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from core.errors import HearthError
+from core.memory import return_freed_memory
 
 QUANT_MODES = ("none", "nf4", "int8")
 
@@ -39,21 +40,8 @@ def quantize_backbone(model: Any, mode: str) -> int:
                 replaced += 1
     for p in model.parameters():
         p.requires_grad_(False)
-    _return_freed_memory()
+    return_freed_memory()  # the float32 weights just replaced
     return replaced
-
-
-def _return_freed_memory() -> None:
-    """Hand the freed float32 weights back to the OS (glibc keeps freed heap pages otherwise),
-    so the process really shrinks to the quantised size."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the memory is reused by later allocations instead
 
 
 def _quantized(bnb: Any, linear: nn.Linear, mode: str) -> nn.Module:
