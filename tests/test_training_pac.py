@@ -82,7 +82,7 @@ def test_sliced_loss_gives_the_whole_batchs_loss_and_gradients(tiny_backbone, ho
     with torch.no_grad():
         for up in chain.ups:
             up.weight.normal_(std=0.1)
-    batch = collate(household_examples[:8], tiny_backbone.tokenizer.pad_token_id)
+    batch = collate(household_examples[:12], tiny_backbone.tokenizer.pad_token_id)
     taps, _ = backbone_taps(model, chain.config, batch.input_ids, batch.attention_mask)
     rows, cols, targets = labelled_positions(batch)
     positions = taps[rows, cols]
@@ -230,7 +230,70 @@ def test_cache_key_changes_with_taps_data_and_backbone():
     assert len({base.digest(), CacheKey("smollm2|nf4", "tok", "data", (2, 5), "float16").digest(),
                 CacheKey("smollm2|none", "tok", "data2", (2, 5), "float16").digest(),
                 CacheKey("smollm2|none", "tok", "data", (2, 4), "float16").digest(),
-                CacheKey("smollm2|none", "tok2", "data", (2, 5), "float16").digest()}) == 5
+                CacheKey("smollm2|none", "tok2", "data", (2, 5), "float16").digest(),
+                CacheKey("smollm2|none", "tok", "data", (2, 5), "float16", means=(2, 5)).digest(),
+                CacheKey("smollm2|none", "tok", "data", (2, 5), "float16", means=(2, 5), mean_decay=0.9).digest()}) == 7
+
+
+def test_running_means_carried_with_the_kv_cache_equal_a_whole_sequence_pass(tiny_backbone):
+    """The running means are the decay-weighted means of the tapped states; generation feeds the
+    prompt, then one token at a time, and the chain's inputs at each new position equal those of
+    one pass over the whole sequence; a left-padded row gets the same inputs as the row alone."""
+    from training.parallel_adapters import SideChainConfig, backbone_taps
+
+    model = tiny_backbone.model
+    config = SideChainConfig.for_backbone(model, every=1)
+    assert config.means == config.taps and config.n_inputs == 2 * len(config.taps)
+    ids = torch.tensor([tiny_backbone.tokenizer("Where do we keep the spare key? Under the blue pot.")["input_ids"]])
+    whole, _ = backbone_taps(model, config, ids)
+    assert whole.shape == (1, ids.shape[1], config.n_inputs, config.hidden_size)
+    states = whole[:, :, len(config.means):]
+    # Each position's mean, written out: weights decay ** (t - s) over the positions s <= t.
+    length, decay = ids.shape[1], config.mean_decay
+    lags = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+    weights = torch.where(lags >= 0, decay ** lags.clamp(min=0).double(), 0.0)
+    expected = torch.einsum("ts,snd->tnd", weights / weights.sum(dim=1, keepdim=True), states[0].double())
+    assert torch.allclose(whole[0, :, :len(config.means)].double(), expected, atol=1e-4)
+    assert 0.0 < decay < 1.0
+
+    split = 5
+    first, past = backbone_taps(model, config, ids[:, :split], use_cache=True)
+    pieces = [first]
+    for t in range(split, ids.shape[1]):
+        piece, past = backbone_taps(model, config, ids[:, t:t + 1], past=past, use_cache=True)
+        pieces.append(piece)
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-4)
+
+    pad = 3
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    shifted, _ = backbone_taps(model, config, padded, mask)
+    assert torch.allclose(shifted[:, pad:], whole, atol=1e-4)
+
+
+def test_a_side_chain_saved_before_running_means_still_loads_and_answers(tmp_path, tiny_backbone):
+    import json
+
+    from training.parallel_adapters import SideChain, SideChainConfig, full_logits
+    from training.trainer import load_side_chain, save_side_chain
+
+    old = SideChainConfig.for_backbone(tiny_backbone.model)
+    old.means = []
+    chain = SideChain(old)
+    torch.nn.init.normal_(chain.ups[0].weight, std=0.1)
+    save_side_chain(chain, tmp_path)
+    saved = json.loads((tmp_path / "side_chain.json").read_text())
+    del saved["means"], saved["mean_decay"]    # as an earlier Hearth wrote it
+    (tmp_path / "side_chain.json").write_text(json.dumps(saved))
+    loaded = load_side_chain(tmp_path)
+    assert loaded.config.means == [] and len(loaded.downs) == len(old.taps)
+    ids = torch.tensor([tiny_backbone.tokenizer("Hello there")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(full_logits(tiny_backbone.model, loaded, ids), full_logits(tiny_backbone.model, chain, ids))
+    with pytest.raises(Exception, match="not tapped"):
+        SideChainConfig(8, 2, [1], 2, means=[0])
+    with pytest.raises(Exception, match="mean_decay"):
+        SideChainConfig(8, 2, [1], 2, means=[1], mean_decay=0.0)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])

@@ -1,8 +1,9 @@
 """Activation cache (PAC): the frozen backbone's tap outputs, computed once, read every later epoch.
 
-ALGORITHMS.md section 2. For every training sample the cache holds h_i for each tapped layer
-(the last tap is h_L) at the sample's trained positions only (the side chain is per token, so the
-other positions never influence the loss), and the target token of each such position.
+ALGORITHMS.md section 2. For every training sample the cache holds the side chain's inputs (the
+running means of tapped layers, then h_i for each tapped layer, the last being h_L;
+`parallel_adapters.chain_inputs`) at the sample's trained positions only (the chain is per token,
+so the other positions never influence the loss), and the target token of each such position.
 
 Layout: `<cache_dir>/activations/<key>/` with `meta.json` and one folder per shard
 (`shard-00000/`: `acts.npy` [tokens, taps, d] float16/int8/float32, `scale.npy` for int8 (one
@@ -11,7 +12,7 @@ rename once complete, so a crash mid-epoch-1 resumes at the last complete shard.
 memory-mapped, so the cache can be far larger than memory.
 
 The key is a hash of the backbone (file identity + quantisation), the tokenizer, the tokenised
-data and the taps: change any and a new cache is built.
+data and the chain's inputs (taps and running means): change any and a new cache is built.
 
 What is not here: when to fill or read it (trainer.py).
 """
@@ -40,6 +41,8 @@ class CacheKey:
     data: str           # training.data.examples_fingerprint
     taps: tuple[int, ...]
     dtype: str
+    means: tuple[int, ...] = ()   # taps whose running mean is an input too (SideChainConfig.means)
+    mean_decay: float = 1.0
 
     def digest(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)

@@ -32,7 +32,7 @@ QUANTS = ("none", "nf4", "int8")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 # The peak learning rate; every job decays it to zero over its steps (`scheduled_lr`).
-DEFAULT_LR = {"pac": 2e-3, "lora": 8e-4, "full": 2e-5}
+DEFAULT_LR = {"pac": 1e-3, "lora": 8e-4, "full": 2e-5}
 # Chosen on the household fixture (docs/training.md): enough passes for 20 facts to stick.
 DEFAULT_EPOCHS = {"pac": 25, "lora": 25, "full": 3}
 
@@ -118,10 +118,13 @@ def batch_plan(n_samples: int, batch_size: int, seed: int, epoch: int) -> list[l
 # Labelled positions per slice of the LM head's loss. The logits are the largest tensors of an
 # adapter step (positions x 49,152 floats for SmolLM2, and the same again for their softmax and
 # gradient); a backward per slice keeps them small and of one size, which also keeps the C heap
-# from fragmenting. Measured with an NF4 backbone (docs/training.md): peak 776 -> 710 MB. It costs
-# speed: one thread, SmolLM2's head, 2.06 ms per position at 32, 1.40 at 64, 1.35 at 128; 64 would
-# need the logits kept once (a fused softmax + cross-entropy) to stay inside the memory target.
-LOSS_SLICE = 32
+# from fragmenting. Measured with an NF4 backbone (docs/training.md): peak 776 -> 710 MB at 32.
+# Each slice reads the LM head's weights twice (forward and backward), so fewer slices are
+# faster: one thread, SmolLM2's head, 2.06 ms per position at 32, 1.40 at 64, 1.35 at 128. 64
+# since quantised jobs fix the allocator's mmap threshold (core/memory.py), which returns these
+# blocks on free: a benchmark batch (about 36 positions) is one slice, adapter epochs 2.5 -> 1.7 s,
+# and the NF4 peak moved by 12 MB (705 -> 717 MB; docs/training.md, 2026-12-04 afternoon).
+LOSS_SLICE = 64
 
 
 def pac_gradients(backbone: Any, chain: Any, taps: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:

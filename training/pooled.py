@@ -572,7 +572,7 @@ class _PooledJob:
         examples = self.run.examples
         config = self.run.chain_config
         value_bytes = 2 if self.spec.cache_dtype == "float16" else 4
-        per_token = len(config.taps) * config.hidden_size * value_bytes + 8
+        per_token = config.n_inputs * config.hidden_size * value_bytes + 8
 
         def move_s(i: int, src: str, dst: str) -> float:
             # Through the coordinator: in from the source, out to the destination.

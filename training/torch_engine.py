@@ -51,7 +51,7 @@ class PersonalLM:
         if self.chain is not None:
             from training.parallel_adapters import backbone_taps, head_logits
 
-            taps, past = backbone_taps(self.model, self.chain.config, input_ids, past_key_values=past, use_cache=True)
+            taps, past = backbone_taps(self.model, self.chain.config, input_ids, past=past, use_cache=True)
             return head_logits(self.model, self.chain, taps[0, -1]), past
         out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
         return out.logits[0, -1].float(), out.past_key_values
@@ -114,7 +114,7 @@ class PersonalLM:
         if self.chain is not None:
             from training.parallel_adapters import backbone_taps, head_logits
 
-            taps, past = backbone_taps(self.model, self.chain.config, ids, mask, past_key_values=past, use_cache=True)
+            taps, past = backbone_taps(self.model, self.chain.config, ids, mask, past=past, use_cache=True)
             return head_logits(self.model, self.chain, taps[:, -1]), past
         result = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
         return result.logits[:, -1].float(), result.past_key_values

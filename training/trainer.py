@@ -223,9 +223,10 @@ class _Run:
         """Epoch 1's backbone passes: fill every missing shard (resumes at the first missing one)."""
         spec, model = self.spec, self.backbone.model
         key = CacheKey(self.backbone.identity, tokenizer_fingerprint(self.backbone.tokenizer),
-                       examples_fingerprint(self.examples), tuple(self.chain_config.taps), spec.cache_dtype)
+                       examples_fingerprint(self.examples), tuple(self.chain_config.taps), spec.cache_dtype,
+                       tuple(self.chain_config.means), self.chain_config.mean_decay)
         self.cache = ActivationCache(hearth_paths().activation_cache_dir, key, len(self.examples),
-                                     spec.cache_shard_size, len(self.chain_config.taps), self.chain_config.hidden_size)
+                                     spec.cache_shard_size, self.chain_config.n_inputs, self.chain_config.hidden_size)
         started = time.perf_counter()
         missing = self.cache.missing_shards()
         for n, shard in enumerate(missing):

@@ -256,7 +256,7 @@ class WorkerJob:
             taps, targets = tensors["taps"].float(), tensors["targets"].long()
         except (KeyError, AttributeError):
             raise ValueError("pac.cache_in: tensors index, count, taps and targets are required") from None
-        shape = (len(self.config.taps), self.config.hidden_size)
+        shape = (self.config.n_inputs, self.config.hidden_size)
         if (len(index) != len(count) or min(count, default=0) < 1 or sum(count) != len(targets)
                 or tuple(taps.shape) != (len(targets), *shape)):
             raise ValueError("pac.cache_in: the entries' sizes do not match")
@@ -343,7 +343,7 @@ class WorkerJob:
         on with it (`taps`), so that the cache holder (`cache=True`, the last stage) can store
         every tap of its samples at their labelled positions. Returns hidden, taps and mask."""
         from training.data import collate
-        from training.parallel_adapters import decoder_layers, labelled_positions, record_taps
+        from training.parallel_adapters import chain_inputs, decoder_layers, labelled_positions, record_taps
 
         layers = decoder_layers(self.backbone.model)
         if not 0 <= first <= last < len(layers):
@@ -392,7 +392,8 @@ class WorkerJob:
         if labelled.input_ids.shape != mask.shape:
             raise ValueError("pac.stage: the activations do not match these samples")
         rows, cols, targets = labelled_positions(labelled)
-        selected = as_cached(taps[rows, cols], self.spec.cache_dtype)
+        inputs, _, _ = chain_inputs(self.config, taps, mask)
+        selected = as_cached(inputs[rows, cols], self.spec.cache_dtype)
         counts = torch.bincount(rows, minlength=len(indices)).tolist()
         with self.lock:
             for i, t, y in zip(indices, torch.split(selected, counts), torch.split(targets, counts)):
@@ -407,8 +408,8 @@ class WorkerJob:
         figures: on two equal devices measured one after the other without the warm-up, they
         differed by up to 11%. The adapter step is timed on `ADAPTER_PROFILE_POSITIONS`
         positions, as large as a real part's cost per position: on two samples' 72 positions it
-        cost 38% more per position than on 256 or more (the LM head's loss runs in slices of
-        32), and the later steps were predicted 30-38% slow."""
+        cost 38% more per position than on 256 or more (measured when the LM head's loss ran in
+        slices of 32), and the later steps were predicted 30-38% slow."""
         from training.parallel_adapters import backbone_taps
 
         vocab = int(self.backbone.model.config.vocab_size)

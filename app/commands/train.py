@@ -27,7 +27,7 @@ def register(sub) -> argparse.ArgumentParser:
                    help="name of the personalised model (see `hearth models list`)")
     p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
                    help="load the frozen backbone quantised (bitsandbytes) to save memory")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, decayed to zero over the job (default: 2e-3 pac, 8e-4 lora)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, decayed to zero over the job (default: 1e-3 pac, 8e-4 lora)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per step (default 4)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, all linear layers)")
     p.add_argument("--no-cache", action="store_true", help="PAC: run the backbone every epoch instead of caching")
