@@ -16,6 +16,10 @@ SCENARIO = textwrap.dedent("""
     from core.memory import fix_mmap_threshold
     if sys.argv[1] == "fixed":
         assert fix_mmap_threshold()
+    elif sys.argv[1].startswith("load:"):         # load:QUANT:MODEL_DIR, as a training job does
+        from training.trainer import load_backbone
+        _, quant, folder = sys.argv[1].split(":", 2)
+        backbone = load_backbone(folder, quant)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
@@ -36,10 +40,21 @@ SCENARIO = textwrap.dedent("""
 
 def _released_mb(mode: str) -> float:
     done = subprocess.run([sys.executable, "-c", SCENARIO, mode], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip())
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
 def test_a_freed_block_goes_back_to_the_os_only_with_the_fixed_threshold():
     assert _released_mb("default") < 4      # glibc keeps it: the growth this module prevents
     assert _released_mb("fixed") > 12       # mapped on its own, unmapped on free
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_loading_a_quantised_backbone_fixes_the_threshold_and_a_float32_one_does_not():
+    """`training.trainer.load_backbone` is where the setting is applied (quantised jobs only):
+    after an NF4 load the freed block goes back, after a float32 load it stays."""
+    from tests.training_helpers import tiny_llama_dir
+
+    folder = tiny_llama_dir()
+    assert _released_mb(f"load:nf4:{folder}") > 12
+    assert _released_mb(f"load:none:{folder}") < 4
