@@ -209,7 +209,7 @@ def test_int8_cache_rows_round_trip(tmp_path):
     from training.activation_cache import ActivationCache, CacheKey
 
     key = CacheKey("b", "t", "d", (1, 3), "int8")
-    cache = ActivationCache(tmp_path, key, n_samples=3, shard_size=2, n_taps=2, hidden=16)
+    cache = ActivationCache(tmp_path, key, n_samples=3, shard_size=2, n_inputs=2, hidden=16)
     torch.manual_seed(0)
     acts = [torch.randn(n, 2, 16) * 30 for n in (5, 0, 7)]
     targets = [torch.arange(n) for n in (5, 0, 7)]

@@ -6,7 +6,7 @@ running means of tapped layers, then h_i for each tapped layer, the last being h
 so the other positions never influence the loss), and the target token of each such position.
 
 Layout: `<cache_dir>/activations/<key>/` with `meta.json` and one folder per shard
-(`shard-00000/`: `acts.npy` [tokens, taps, d] float16/int8/float32, `scale.npy` for int8 (one
+(`shard-00000/`: `acts.npy` [tokens, inputs, d] float16/int8/float32, `scale.npy` for int8 (one
 float32 per row), `targets.npy`, `offsets.npy` [samples + 1]). Each shard folder appears by one
 rename once complete, so a crash mid-epoch-1 resumes at the last complete shard. Arrays are read
 memory-mapped, so the cache can be far larger than memory.
@@ -61,18 +61,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class ActivationCache:
     """One cache folder. `write_shard` during epoch 1, `sample` afterwards."""
 
-    def __init__(self, root: Path, key: CacheKey, n_samples: int, shard_size: int, n_taps: int, hidden: int):
+    def __init__(self, root: Path, key: CacheKey, n_samples: int, shard_size: int, n_inputs: int, hidden: int):
         if key.dtype not in DTYPES:
             raise HearthError(f"activation cache dtype must be one of {', '.join(DTYPES)} (got {key.dtype})")
         self.key = key
         self.folder = Path(root) / key.digest()
         self.n_samples = n_samples
         self.shard_size = shard_size
-        self.n_taps = n_taps
+        self.n_inputs = n_inputs
         self.hidden = hidden
         self._open: dict[int, tuple] = {}
         meta = {"key": asdict(self.key), "n_samples": n_samples, "shard_size": shard_size,
-                "n_taps": n_taps, "hidden": hidden}
+                "n_inputs": n_inputs, "hidden": hidden}
         meta_path = self.folder / "meta.json"
         if meta_path.is_file():
             try:
@@ -107,12 +107,12 @@ class ActivationCache:
         return not self.missing_shards()
 
     def write_shard(self, shard: int, acts: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        """Store one shard: per sample, taps [n_i, n_taps, d] and targets [n_i], in sample order."""
+        """Store one shard: per sample, chain inputs [n_i, n_inputs, d] and targets [n_i], in sample order."""
         if len(acts) != len(self.shard_range(shard)):
             raise ValueError("shard written with the wrong number of samples")
         offsets = np.zeros(len(acts) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([a.shape[0] for a in acts])
-        flat = torch.cat(acts).float() if acts else torch.zeros(0, self.n_taps, self.hidden)
+        flat = torch.cat(acts).float() if acts else torch.zeros(0, self.n_inputs, self.hidden)
         with atomic_dir(self.shard_dir(shard)) as tmp:
             if self.key.dtype == "int8":
                 values, scale = quantize_rows(flat)
@@ -136,7 +136,7 @@ class ActivationCache:
         return self._open[shard]
 
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(taps [n, n_taps, d] float32, targets [n]) of one training sample."""
+        """(chain inputs [n, n_inputs, d] float32, targets [n]) of one training sample."""
         shard = index // self.shard_size
         acts, scale, targets, offsets = self._arrays(shard)
         row = index - shard * self.shard_size

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method (default 2)")
     parser.add_argument("--pac-lr", type=float, help="peak learning rate of the PAC methods (default: the product's)")
     parser.add_argument("--lora-lr", type=float, help="peak learning rate of the LoRA methods (default: the product's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every method's job seed: initialisation and batch order (default 0)")
     parser.add_argument("--plot", help="write a PNG of time and memory per method")
 
 
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
                       "household_eval": str(data_dir / "household" / "eval.jsonl"),
                       "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home"),
                       "threads": args.threads, "pac_lr": args.pac_lr,
-                      "lora_lr": args.lora_lr}
+                      "lora_lr": args.lora_lr, "seed": args.seed}
             results[method.key] = _run_worker(config, work / f"{method.key}.json")
             print(f"[bench training] {method.key}: {json.dumps(results[method.key])}", file=sys.stderr, flush=True)
     report = summarise(results, args, counts)
@@ -181,7 +183,7 @@ def worker(config: dict, result_file: Path) -> None:
     spec = JobSpec(name=f"bench-{method.key}", data=config["train_file"], model=config["model"],
                    method=method.method, epochs=config["epochs"], quant=method.quant, cache=method.cache,
                    lr={"pac": config.get("pac_lr"), "lora": config.get("lora_lr")}.get(method.method),
-                   lora_rank=method.lora_rank, lora_targets=targets,
+                   lora_rank=method.lora_rank, lora_targets=targets, seed=int(config.get("seed", 0)),
                    max_steps=config["full_steps"] if method.method == "full" else None)
     reset = _reset_peak_rss()
     result = train(spec, backbone=backbone, save=False, checkpoint_every_s=1e9)
@@ -216,7 +218,7 @@ def summarise(results: dict, args: argparse.Namespace, counts: dict) -> dict:
     for r in results.values():
         if before and "error" not in r:
             r.setdefault("household_recall_before", before.get("household_recall_before"))
-    report: dict = {"model": args.model, "epochs": args.epochs, "data": counts,
+    report: dict = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "data": counts,
                     "threads": args.threads, "cpus": os.cpu_count(), "methods": results}
     pac = results.get("pac_cache", {})
     loras = [results[k] for k in ("lora_r8_qv", "lora_r16_all") if k in results and "error" not in results[k]]

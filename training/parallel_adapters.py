@@ -259,7 +259,7 @@ def labelled_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def chain_loss(backbone: Any, chain: SideChain, taps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the targets given taps [N, n_taps, d] at their positions."""
+    """Mean cross-entropy of the targets given chain inputs [N, n_inputs, d] at their positions."""
     return floored_cross_entropy(head_logits(backbone, chain, taps), targets)
 
 

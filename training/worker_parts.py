@@ -341,7 +341,8 @@ class WorkerJob:
         inclusive) for a microbatch. The first stage starts from its samples' token ids; a later
         one from the `hidden` state the previous stage produced. The tapped layers' outputs travel
         on with it (`taps`), so that the cache holder (`cache=True`, the last stage) can store
-        every tap of its samples at their labelled positions. Returns hidden, taps and mask."""
+        the chain's inputs (`chain_inputs`) of its samples at their labelled positions. Returns
+        hidden, taps and mask."""
         from training.data import collate
         from training.parallel_adapters import chain_inputs, decoder_layers, labelled_positions, record_taps
 
