@@ -133,6 +133,10 @@ class PairingDialog(ModalScreen[bool]):
         return f"This request expires in {left} s."
 
     def _check(self) -> None:
+        if not self.is_active:
+            # Not the top screen: the app is closing (the timer can fire once more after the
+            # stack is gone), or another dialog is above; it closes when it is on top again.
+            return
         expired = self._expires_at is not None and time.time() >= self._expires_at
         if expired or (self._settled is not None and self._settled()):
             self.dismiss(None)
