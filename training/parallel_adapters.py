@@ -235,10 +235,10 @@ def backbone_taps(backbone: Any, config: SideChainConfig, input_ids: torch.Tenso
     `use_cache`, the `ChainPast` to pass with the next tokens."""
     with torch.no_grad(), record_taps(backbone, config.taps) as seen:
         out = backbone.model(input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=past.kv if past is not None else None, use_cache=use_cache)
+                             cache=past.kv if past is not None else None, use_cache=use_cache)
     states = torch.stack([seen[i].float() for i in config.taps], dim=-2)
     inputs, sums, weights = chain_inputs(config, states, attention_mask, past)
-    return inputs, (ChainPast(out.past_key_values, sums, weights) if use_cache else None)
+    return inputs, (ChainPast(out.cache, sums, weights) if use_cache else None)
 
 
 def head_logits(backbone: Any, chain: SideChain, taps: torch.Tensor) -> torch.Tensor:

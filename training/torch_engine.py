@@ -53,8 +53,8 @@ class PersonalLM:
 
             taps, past = backbone_taps(self.model, self.chain.config, input_ids, past=past, use_cache=True)
             return head_logits(self.model, self.chain, taps[0, -1]), past
-        out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-        return out.logits[0, -1].float(), out.past_key_values
+        out = self.model(input_ids=input_ids, cache=past, use_cache=True)
+        return out.logits[0, -1].float(), out.cache
 
     def generate(self, prompt: list[int], settings: SamplingSettings, cancel: threading.Event | None = None,
                  ) -> Iterator[int]:
@@ -116,8 +116,8 @@ class PersonalLM:
 
             taps, past = backbone_taps(self.model, self.chain.config, ids, mask, past=past, use_cache=True)
             return head_logits(self.model, self.chain, taps[:, -1]), past
-        result = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-        return result.logits[:, -1].float(), result.past_key_values
+        result = self.model(input_ids=ids, attention_mask=mask, cache=past, use_cache=True)
+        return result.logits[:, -1].float(), result.cache
 
 
 def sample(logits: torch.Tensor, recent: list[int], settings: SamplingSettings, generator: torch.Generator) -> int:
