@@ -167,6 +167,45 @@ def test_device_receives_the_model_files_it_lacks_then_trains_a_pruned_round(bas
     assert torch.allclose(report.importance_channels.sum(dim=1), torch.ones(layers), atol=1e-4)
 
 
+def test_a_round_prunes_a_copy_that_shares_the_base_weights_it_keeps_and_leaves_the_base_as_it_was(base, data, monkeypatch):
+    import copy
+
+    from training.data import load_examples
+    from training.fed_parts import FedJob, FedSpec
+
+    model, tokenizer = base
+    model = copy.deepcopy(model)                      # the fixture is shared with other tests
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    job = FedJob(FedSpec(name="fam", model=str(tiny_llama_dir()), local_steps=2), model, tokenizer,
+                 load_examples(data["teen"][0], tokenizer, 256))
+    seen = {}
+    real_deepcopy = copy.deepcopy
+
+    def recording_deepcopy(obj, memo=None):
+        result = real_deepcopy(obj, memo)
+        if obj is model:
+            seen["copy"] = result
+        return result
+
+    layers, channels = 4, 64
+    keep_heads = torch.tensor([[True, False, False, True]] * layers)
+    keep_channels = torch.zeros(layers, channels, dtype=torch.bool)
+    keep_channels[:, :40] = True
+    monkeypatch.setattr(copy, "deepcopy", recording_deepcopy)   # to see the round's model
+    report = job.run_round(_order(None, model, 4, keep_heads, keep_channels, steps=2))
+    monkeypatch.undo()
+    assert report.loss_after < report.loss_before
+    # The base is bit-for-bit what it was and still frozen ...
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.parameters())
+    # ... and the round's model held the embedding itself, not a second copy of it, while the
+    # matrices pruning cut are its own, smaller ones.
+    pruned = seen["copy"]
+    assert pruned.get_input_embeddings().weight is model.get_input_embeddings().weight
+    assert pruned.model.layers[0].mlp.up_proj.weight.shape[0] == 40 < model.model.layers[0].mlp.up_proj.weight.shape[0]
+
+
 def test_device_trains_at_most_the_rank_it_was_sent_and_refuses_an_unrealisable_mask(base, data):
     from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
     from training.part_fields import local_data
