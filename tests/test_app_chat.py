@@ -56,6 +56,27 @@ async def test_first_run_opens_chat_with_focus_and_three_steps_and_answers_on_bu
 
 
 @run_async
+async def test_an_80_column_terminal_gives_the_conversation_and_training_progress_room(hearth_home):
+    write_config(hearth_home, chat={"max_tokens": 24, "threads": 2})
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot, app)
+        screen = app.screen
+        # On a first run the guide would take 36 of the 80 columns and leave the answer 16.
+        assert not screen.query_one("#guide").display
+        assert screen.query_one("#sidebar").outer_size.width == 22
+        assert screen.query_one("#main").size.width >= 50
+        await pilot.press("f3")                     # the Train form leaves its progress panel room
+        await pilot.pause()
+        assert app.screen.query_one("#train-form").outer_size.width == 50
+        await pilot.press("f1")
+        await pilot.pause()
+        await pilot.resize_terminal(130, 30)
+        await pilot.pause()
+        assert screen.query_one("#guide").display   # room again: the guide is back
+
+
+@run_async
 async def test_streamed_answer_appears_and_is_stored(hearth_home, stories_gguf):
     write_config(hearth_home, chat=stories_chat(stories_gguf))
     app = make_app()
