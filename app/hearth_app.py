@@ -62,6 +62,9 @@ class ScreenCommands(Provider):
 class HearthApp(App):
     TITLE = "Hearth"
     CSS_PATH = "styles/app.tcss"
+    # Every screen gets "-narrow" below 110 columns (an 80-column terminal); chat.tcss and
+    # train.tcss give the conversation and the training progress the room there.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     COMMANDS = {ScreenCommands}
     ENABLE_COMMAND_PALETTE = True
     BINDINGS = [

@@ -51,8 +51,6 @@ class ConversationItem(ListItem):
 
 class ChatScreen(Screen):
     CSS_PATH = "../styles/chat.tcss"
-    # Below 110 columns the conversation needs the room more than the guide does (chat.tcss).
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="stop"),
         Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),

@@ -31,8 +31,6 @@ REPAINT_S = 0.1
 
 class TrainScreen(Screen):
     CSS_PATH = "../styles/train.tcss"
-    # Below 110 columns the form narrows so that the progress keeps room (train.tcss).
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         # priority: the form's inputs would otherwise take these keys (cut, delete line).
         Binding("ctrl+g", "start", "Start", id="start", priority=True),
