@@ -274,6 +274,7 @@ def test_running_means_carried_with_the_kv_cache_equal_a_whole_sequence_pass(tin
 def test_a_side_chain_saved_before_running_means_still_loads_and_answers(tmp_path, tiny_backbone):
     import json
 
+    from core.errors import HearthError
     from training.parallel_adapters import SideChain, SideChainConfig, full_logits
     from training.trainer import load_side_chain, save_side_chain
 
@@ -290,9 +291,9 @@ def test_a_side_chain_saved_before_running_means_still_loads_and_answers(tmp_pat
     ids = torch.tensor([tiny_backbone.tokenizer("Hello there")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(full_logits(tiny_backbone.model, loaded, ids), full_logits(tiny_backbone.model, chain, ids))
-    with pytest.raises(Exception, match="not tapped"):
+    with pytest.raises(HearthError, match="not tapped"):
         SideChainConfig(8, 2, [1], 2, means=[0])
-    with pytest.raises(Exception, match="mean_decay"):
+    with pytest.raises(HearthError, match="mean_decay"):
         SideChainConfig(8, 2, [1], 2, means=[1], mean_decay=0.0)
 
 
