@@ -2,8 +2,9 @@
 
 Written with the `gguf` package: llama architecture metadata (block count, widths, head counts,
 explicit key/value length so pruned heads stay 64 wide, rope, norm epsilon), the tokenizer as
-`tokenizer.ggml.*` fields built from the Hugging Face tokenizer (byte-level BPE, "gpt2" model,
-with merges) and the chat template. Weights go out as F16 (or F32); smaller types are made by
+`tokenizer.ggml.*` fields built from the Hugging Face tokenizer (byte-level BPE as llama.cpp's
+"gpt2" model with merges; SentencePiece-style BPE as its "llama" model with scores) and the chat
+template. Weights go out as F16 (or F32); smaller types are made by
 llama.cpp's own quantiser (`llama_model_quantize` through llama-cpp-python) from the F16 file.
 
 llama.cpp's llama architecture applies rope to interleaved pairs (0,1), (2,3)... while the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,16 +189,30 @@ def _rope_interleave(weight: np.ndarray, heads: int, head_dim: int) -> np.ndarra
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, pre: str, vocab_size: int, name: str) -> None:
-    """tokenizer.ggml.* from a byte-level BPE tokenizer (the "gpt2" model of llama.cpp)."""
-    import gguf
-
+    """tokenizer.ggml.* from the Hugging Face tokenizer: byte-level BPE (SmolLM2, llama.cpp's
+    "gpt2" model) or SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama, stories260K:
+    llama.cpp's "llama" model)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise HearthError(f"model {name}: GGUF export needs a fast tokenizer (tokenizer.json)")
     spec = json.loads(backend.to_str())
     bpe = spec.get("model", {})
-    if bpe.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise HearthError(f"model {name}: only byte-level BPE tokenizers can be exported to GGUF")
+    if bpe.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        _add_byte_level_bpe(writer, tokenizer, spec, pre, vocab_size)
+    elif bpe.get("type") == "BPE" and bpe.get("byte_fallback") and _space_marker(spec) is not None:
+        _add_sentencepiece_bpe(writer, tokenizer, spec, vocab_size)
+    else:
+        raise HearthError(f"model {name}: its tokenizer is neither byte-level BPE nor SentencePiece-style "
+                          "BPE with byte fallback, so it cannot be exported to GGUF")
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        writer.add_chat_template(template)
+
+
+def _add_byte_level_bpe(writer: Any, tokenizer: Any, spec: dict, pre: str, vocab_size: int) -> None:
+    import gguf
+
+    bpe = spec["model"]
     tokens = [""] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     for text, index in bpe["vocab"].items():
@@ -217,6 +233,11 @@ def _add_tokenizer(writer: Any, tokenizer: Any, pre: str, vocab_size: int, name:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    _add_special_ids(writer, tokenizer)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+
+
+def _add_special_ids(writer: Any, tokenizer: Any) -> None:
     for attr, add in (
         ("bos_token_id", writer.add_bos_token_id),
         ("eos_token_id", writer.add_eos_token_id),
@@ -226,10 +247,73 @@ def _add_tokenizer(writer: Any, tokenizer: Any, pre: str, vocab_size: int, name:
         value = getattr(tokenizer, attr, None)
         if value is not None:
             add(int(value))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        writer.add_chat_template(template)
+
+
+def _space_marker(spec: dict) -> bool | None:
+    """Whether a SentencePiece-style tokenizer puts "\u2581" before the text (llama.cpp's
+    add_space_prefix); None when it does not write spaces as "\u2581" at all.
+
+    Two layouts exist: older tokenizer.json files prepend and replace in the normalizer; newer ones
+    use a Metaspace pre-tokenizer whose prepend scheme says whether to prepend."""
+    normalizer = json.dumps(spec.get("normalizer"), ensure_ascii=False)
+    if "\u2581" in normalizer:
+        return '"Prepend"' in normalizer
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return None
+
+
+def _add_sentencepiece_bpe(writer: Any, tokenizer: Any, spec: dict, vocab_size: int) -> None:
+    """llama.cpp's "llama" vocabulary: tokens, scores and token types, no merges.
+
+    llama.cpp merges the adjacent pair whose concatenation has the highest score; Hugging Face's
+    BPE applies the lowest-ranked merge. A token's score is therefore minus the rank of the first
+    merge that makes it, so both pick the same pair (tokenizer.json files converted from
+    SentencePiece list every split of a piece together, at that piece's rank). Tokens no merge
+    makes (single characters, bytes, specials) score 0: llama.cpp never looks them up by score.
+    """
+    import gguf
+
+    bpe = spec["model"]
+    tokens = [""] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    scores = [0.0] * vocab_size
+    byte_token = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    for text, index in bpe["vocab"].items():
+        if index < vocab_size:
+            tokens[index] = text
+            types[index] = int(gguf.TokenType.BYTE if byte_token.fullmatch(text) else gguf.TokenType.NORMAL)
+    for rank, merge in enumerate(bpe.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        index = bpe["vocab"].get(left + right)
+        if index is not None and index < vocab_size and scores[index] == 0.0:
+            scores[index] = -float(rank + 1)
+    for added in spec.get("added_tokens", []):
+        index = added["id"]
+        if index < vocab_size:
+            tokens[index] = added["content"]
+            types[index] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk < vocab_size:
+        types[unk] = int(gguf.TokenType.UNKNOWN)
+    for index, text in enumerate(tokens):
+        if not text:
+            tokens[index] = f"[PAD{index}]"
+    # Whether BOS / EOS are added is read from what the tokenizer does, not from its settings:
+    # the post-processor decides, and the attributes that describe it differ between classes.
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    _add_special_ids(writer, tokenizer)
+    writer.add_add_bos_token(bos is not None and ids[:1] == [bos])
+    writer.add_add_eos_token(eos is not None and ids[-1:] == [eos])
+    writer.add_add_space_prefix(bool(_space_marker(spec)))
 
 
 def quantize_gguf(source: Path, target: Path, quant: str, threads: int = 0) -> None:
