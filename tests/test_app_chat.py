@@ -62,8 +62,17 @@ async def test_an_80_column_terminal_gives_the_conversation_and_training_progres
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot, app)
         screen = app.screen
-        # On a first run the guide would take 36 of the 80 columns and leave the answer 16.
+        # On a first run the guide would take 36 of the 80 columns and leave the answer 16: its
+        # three-line form stands above the conversation instead.
         assert not screen.query_one("#guide").display
+        short = screen.query_one("#guide-short")
+        assert short.display and short.outer_size.height <= 4
+        assert all(step in str(short.render()) for step in ("1. Pair", "2. Teach", "3. Chat"))
+        screen.set_guide(False)                     # not a first run: neither form
+        await pilot.pause()
+        assert not short.display and not screen.query_one("#guide").display
+        screen.set_guide(True)
+        await pilot.pause()
         assert screen.query_one("#sidebar").outer_size.width == 22
         assert screen.query_one("#main").size.width >= 50
         await pilot.press("f3")                     # the Train form leaves its progress panel room
@@ -74,6 +83,7 @@ async def test_an_80_column_terminal_gives_the_conversation_and_training_progres
         await pilot.resize_terminal(130, 30)
         await pilot.pause()
         assert screen.query_one("#guide").display   # room again: the guide is back
+        assert not screen.query_one("#guide-short").display
 
 
 @run_async

@@ -42,6 +42,12 @@ device, and Train (F3) teaches it to a model of your own.
 Type below: the bundled model answers right away, offline.
 """
 
+# The same three steps in three lines, above the conversation on a narrow terminal, where the
+# guide's column would leave the answer too little room.
+GUIDE_SHORT = """[b]Welcome to Hearth[/b]: everything stays in this home.
+[b]1. Pair[/b] devices (F2)  [b]2. Teach[/b] an answer (Ctrl-T)
+[b]3. Chat[/b]: type below, offline."""
+
 
 class ConversationItem(ListItem):
     def __init__(self, conversation_id: int, title: str) -> None:
@@ -83,6 +89,7 @@ class ChatScreen(Screen):
                 yield Label("Conversations", classes="title")
                 yield ListView(id="conversations")
             with Vertical(id="main"):
+                yield Static(GUIDE_SHORT, id="guide-short")
                 yield VerticalScroll(id="transcript")
                 yield Static(self._status, id="chat-status")
                 yield PromptInput(self.chat.prompt_history(), placeholder="Ask anything, Enter to send",
@@ -91,6 +98,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.set_class(self.show_guide, "-guide")
         self.title = "Hearth"
         self.sub_title = "Chat"
         self._fill_conversations()
@@ -111,6 +119,7 @@ class ChatScreen(Screen):
     def set_guide(self, visible: bool) -> None:
         self.show_guide = visible
         self.query_one("#guide").set_class(not visible, "hidden")
+        self.set_class(visible, "-guide")  # the short guide's cue on narrow terminals
 
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [
