@@ -68,6 +68,8 @@ def test_bench_training_runs_each_method_side_by_side(tmp_path):
     for method in report["methods"].values():
         assert "error" not in method, method
         assert _positive(method["wall_s"]) and _positive(method["peak_rss_train_mb"])
+        assert _positive(method["peak_rss_load_mb"])
+        assert method["peak_rss_process_mb"] == max(method["peak_rss_load_mb"], method["peak_rss_train_mb"])
         assert len(method["epoch_s"]) == 3
     assert _positive(report["speedup_vs_lora"])
 

@@ -113,3 +113,50 @@ def test_gguf_model_can_be_trained(stories_torch):
         optimiser.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_quantised_load_holds_one_float32_layer_at_a_time(stories_gguf: Path, monkeypatch: pytest.MonkeyPatch):
+    """A quantised backbone is read and quantised layer by layer (the memory-saving point of NF4
+    on a small device): when a layer is handed over, it is the only decoder layer in float32. The
+    result is the same model as quantising after a whole float32 load."""
+    import gc
+
+    import torch
+    from torch import nn
+
+    from training import gguf_model
+    from training.quant import quantize_backbone
+    from training.trainer import load_backbone
+
+    def float32_linears() -> int:   # every live one in the process, other tests' models included
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is nn.Linear and o.weight.device.type != "meta")
+
+    before = float32_linears()
+    seen: list[int] = []
+    reading = gguf_model.read_llama_model
+
+    def watched(reader, dtype, on_layer=None):
+        def counting(layer):
+            seen.append(float32_linears() - before)
+            return on_layer(layer)
+        return reading(reader, dtype, counting)
+
+    monkeypatch.setattr(gguf_model, "read_llama_model", watched)
+    quantised = load_backbone(str(stories_gguf), "nf4").model
+    monkeypatch.undo()
+    assert len(seen) == len(quantised.model.layers)
+    assert max(seen) == 7          # q, k, v, o, gate, up, down of the layer at hand, no others
+
+    # The same packed 4-bit weights and block scales as quantising a whole float32 load. (Compared
+    # as data: bitsandbytes' CPU NF4 kernel does not run at stories260K's widths.)
+    whole = load_backbone(str(stories_gguf)).model
+    quantize_backbone(whole, "nf4")
+    pairs = list(zip(quantised.model.layers.modules(), whole.model.layers.modules()))
+    packed = [(a.weight, b.weight) for a, b in pairs if hasattr(getattr(a, "weight", None), "quant_state")]
+    assert len(packed) == 7 * len(seen)
+    for a, b in packed:
+        assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax)
+    for name, value in whole.state_dict().items():
+        if value.dtype.is_floating_point and "layers" not in name:
+            assert torch.equal(quantised.state_dict()[name], value), name

@@ -322,6 +322,25 @@ def test_quantised_backbone_trains_a_side_chain(mode, hearth_home):
     assert quantize_backbone(full.model, "none") == 0
 
 
+def test_nf4_layers_compute_in_float32_in_eval_mode_too(stories_gguf):
+    """Quantised layers multiply by their dequantised weights in float32 whatever the module's
+    mode: bitsandbytes would otherwise repack them for a bf16 kernel once a model is put in eval
+    mode (on AVX512-BF16 CPUs), which changes the numbers training and chat get."""
+    import bitsandbytes as bnb
+
+    from training.trainer import load_backbone
+
+    model = load_backbone(str(stories_gguf), "nf4").model
+    model.eval()
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and not layer.training
+    x = torch.randn(3, 5, layer.in_features)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, weight), atol=1e-5)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
 def test_batched_greedy_answers_match_one_at_a_time(tiny_backbone):
     from training.evaluate import read_fact_questions
     from training.parallel_adapters import SideChain, SideChainConfig

@@ -16,7 +16,7 @@ It does not write GGUF files (export does) and does not check that a file is com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.errors import HearthError
 
@@ -42,19 +42,23 @@ _TOP_TENSORS = {
 }
 
 
-def load_gguf_model(path: Path, torch_dtype: Any) -> tuple[Any, Any]:
-    """A transformers causal LM (eval mode not set) and its tokenizer from a GGUF file."""
+def load_gguf_model(path: Path, torch_dtype: Any, on_layer: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+    """A transformers causal LM (eval mode not set) and its tokenizer from a GGUF file.
+    `on_layer` sees each decoder layer as it is filled, where this module reads the file itself."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     if not is_plain_llama(reader):
         return _load_with_transformers(path, torch_dtype)
-    model = read_llama_model(reader, torch_dtype)
+    # The tokenizer first: transformers' GGUF tokenizer reading holds ~150 MB for a moment
+    # (SmolLM2), which then does not add to the weights' peak.
     if _field(reader, "tokenizer.ggml.model") == "llama":
-        return model, read_llama_tokenizer(reader)
-    from transformers import AutoTokenizer
+        tokenizer = read_llama_tokenizer(reader)
+    else:
+        from transformers import AutoTokenizer
 
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return read_llama_model(reader, torch_dtype, on_layer), tokenizer
 
 
 def is_plain_llama(reader: Any) -> bool:
@@ -215,42 +219,85 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def read_llama_model(reader: Any, torch_dtype: Any) -> Any:
-    """The weights of a llama-architecture GGUF, dequantised, in a LlamaForCausalLM."""
+# Rows dequantised at a time: gguf's numpy dequantisers make several temporary arrays the size
+# of their input, which for a whole embedding (SmolLM2: 28M values) added ~360 MB to the load's peak.
+_DEQUANTIZE_VALUES = 1 << 20
+
+
+def _dequantized(tensor: Any) -> Any:
+    """One GGUF tensor as a float32 array of its own (not a view of the file), in torch's
+    dimension order, dequantised a few rows at a time into the result."""
     import numpy as np
-    import torch
     from gguf.quants import dequantize
+
+    # GGUF lists dimensions fastest-first; numpy and torch want them the other way round.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    out = np.empty(shape, dtype=np.float32)
+    rows_out = out.reshape(-1, shape[-1])
+    data = tensor.data.reshape(rows_out.shape[0], -1)  # one row of the file's blocks per output row
+    step = max(1, _DEQUANTIZE_VALUES // shape[-1])
+    try:
+        for start in range(0, rows_out.shape[0], step):
+            chunk = dequantize(data[start:start + step], tensor.tensor_type)
+            rows_out[start:start + step] = chunk.reshape(-1, shape[-1])
+    except NotImplementedError:
+        raise HearthError(
+            f"GGUF tensor {tensor.name}: {tensor.tensor_type.name} weights cannot be dequantised"
+        ) from None
+    return out
+
+
+def read_llama_model(reader: Any, torch_dtype: Any, on_layer: Callable[[Any], Any] | None = None) -> Any:
+    """The weights of a llama-architecture GGUF, dequantised, in a LlamaForCausalLM.
+
+    The model is filled one decoder layer at a time; `on_layer(layer)` is called on each as soon
+    as its weights are in, so a quantised load (training.quant.quantize_layer) never holds more
+    than one layer in float32: SmolLM2-135M's NF4 load peaks ~500 MB lower than float32-then-quantise.
+    """
+    import torch
     from transformers import LlamaForCausalLM
 
     config = _llama_config(reader)
-    state = {}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    layers = model.model.layers
+    wanted = [set(layer.state_dict()) for layer in layers]
+    pending: dict[int, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    done = [False] * len(layers)
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
         if name is None:
             raise HearthError(f"GGUF tensor {tensor.name} is not part of a plain llama model (unsupported)")
-        try:
-            values = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise HearthError(
-                f"GGUF tensor {tensor.name}: {tensor.tensor_type.name} weights cannot be dequantised"
-            ) from None
-        # GGUF lists dimensions fastest-first; numpy and torch want them the other way round.
-        values = np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+        values = _dequantized(tensor)
         if tensor.name.endswith("attn_q.weight"):
             values = _unpermute(values, config.num_attention_heads)
         elif tensor.name.endswith("attn_k.weight"):
             values = _unpermute(values, config.num_key_value_heads)
-        state[name] = torch.from_numpy(values.copy())
+        values = torch.from_numpy(values).to(torch_dtype)
+        if not name.startswith("model.layers."):
+            top[name] = values
+            continue
+        index_text, key = name[len("model.layers."):].split(".", 1)
+        index = int(index_text)
+        if index >= len(layers) or done[index]:
+            raise HearthError(f"GGUF tensor {tensor.name} does not fit the file's {len(layers)} layers")
+        state = pending.setdefault(index, {})
+        state[key] = values
+        if set(state) == wanted[index]:
+            layers[index].load_state_dict(pending.pop(index), assign=True)
+            done[index] = True
+            if on_layer is not None:
+                on_layer(layers[index])
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in top:
+        top["lm_head.weight"] = top["model.embed_tokens.weight"]
+    missing = [f"model.layers.{i}.{key}" for i in range(len(layers)) if not done[i]
+               for key in sorted(wanted[i] - set(pending.get(i, {})))]
+    missing += sorted({"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} - set(top))
     if missing:
         raise HearthError(f"GGUF lacks tensor for {missing[0]} (incomplete llama model)")
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, assign=True)
+    model.load_state_dict(top, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     # Buffers such as the rotary inverse frequencies were made on the meta device: rebuild them.

@@ -18,7 +18,7 @@ import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.errors import HearthError
 from core.paths import hearth_paths
@@ -293,9 +293,11 @@ def gguf_path(ref: ModelRef) -> Path:
     )
 
 
-def load_torch(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
+def load_torch(ref: ModelRef, dtype: str = "float32", on_layer: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """A transformers causal LM (eval mode; which weights train is the trainer's choice) and its
-    tokenizer for this reference."""
+    tokenizer for this reference. `on_layer` is called on each decoder layer as soon as its
+    weights are in, where the loader fills the model layer by layer (plain Llama GGUFs); other
+    loaders hand over the whole model and do not call it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -315,7 +317,7 @@ def load_torch(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
         check_gguf(ref.path)
         from training.gguf_model import load_gguf_model
 
-        model, tokenizer = load_gguf_model(ref.path, torch_dtype)
+        model, tokenizer = load_gguf_model(ref.path, torch_dtype, on_layer)
     elif ref.kind in ("hf_dir", "personal"):
         assert ref.path is not None
         try:

@@ -5,7 +5,8 @@ the LM head stay in float32 (the LM head is tied to the embeddings in small Llam
 side chain and its optimiser stay float32. bitsandbytes runs these layers on the CPU (slower per
 token than float32 here, but a quarter of the weight memory for NF4).
 
-What is not here: loading the float32 model (training.model_store.load_torch).
+What is not here: loading the model (training.model_store.load_torch, which hands each layer to
+`quantize_layer` as it arrives where the loader reads layer by layer).
 """
 
 from __future__ import annotations
@@ -23,24 +24,35 @@ QUANT_MODES = ("none", "nf4", "int8")
 
 def quantize_backbone(model: Any, mode: str) -> int:
     """Replace every nn.Linear inside the decoder layers with its bitsandbytes version, in place.
-    Returns the number of layers replaced. The float32 weights are freed as they go."""
+    Returns the number of layers replaced (layers already quantised, e.g. while loading, count
+    nothing). The float32 weights are freed as they go."""
+    check_mode(mode)
     if mode == "none":
         return 0
-    if mode not in QUANT_MODES:
-        raise HearthError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {mode})")
-    import bitsandbytes as bnb
-
-    replaced = 0
-    for layer in model.model.layers:
-        for parent in list(layer.modules()):
-            for child_name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                setattr(parent, child_name, _quantized(bnb, child, mode))
-                replaced += 1
+    replaced = sum(quantize_layer(layer, mode) for layer in model.model.layers)
     for p in model.parameters():
         p.requires_grad_(False)
     return_freed_memory()  # the float32 weights just replaced
+    return replaced
+
+
+def check_mode(mode: str) -> None:
+    if mode not in QUANT_MODES:
+        raise HearthError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {mode})")
+
+
+def quantize_layer(layer: nn.Module, mode: str) -> int:
+    """Quantise one decoder layer's nn.Linear modules in place; the number replaced. Called by
+    loaders that fill a model layer by layer, so the whole float32 model never exists at once."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent in list(layer.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            setattr(parent, child_name, _quantized(bnb, child, mode))
+            replaced += 1
     return replaced
 
 
@@ -50,6 +62,10 @@ def _quantized(bnb: Any, linear: nn.Linear, mode: str) -> nn.Module:
     if mode == "nf4":
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                               compute_dtype=torch.float32, quant_type="nf4")
+        # Always bitsandbytes' dequantise-and-multiply in float32, as in training mode. In eval
+        # mode on AVX512-BF16 CPUs it would repack the weights for a bf16 kernel instead: other
+        # numerics, and +30-50 MB at a PAC job's peak (measured; docs/training.md).
+        q.support_avx512bf16_for_cpu = False
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,

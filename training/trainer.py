@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +81,21 @@ def load_backbone(model: str, quant: str = "none") -> Backbone:
     from core.memory import fix_mmap_threshold
     from training.model_store import load_torch
     from training.parallel_adapters import freeze
-    from training.quant import quantize_backbone
+    from training.quant import check_mode, quantize_backbone, quantize_layer
 
+    check_mode(quant)
     ref = resolve(model)
     if ref.kind == "personal":
         raise HearthError(f"model {model} is already personalised: train from its base ({ref.personal.base})")
+    on_layer = None
     if quant != "none":
         # A quantised backbone is the choice of memory over speed; the allocator makes the same
         # one (about 15% slower steps, 19% less peak memory: core/memory.py). Set before the load.
         fix_mmap_threshold()
-    net, tokenizer = load_torch(ref)
+        on_layer = partial(quantize_layer, mode=quant)  # each layer as it loads
+    net, tokenizer = load_torch(ref, on_layer=on_layer)
     freeze(net)
-    quantize_backbone(net, quant)
+    quantize_backbone(net, quant)  # what the loader did not hand over layer by layer
     path = ref.path
     identity = f"{ref.text}|{path}|{path.stat().st_size if path and path.is_file() else ''}|{quant}"
     return Backbone(net, tokenizer, identity)
