@@ -19,7 +19,7 @@ from pathlib import Path
 from core.errors import HearthError
 from core.paths import hearth_paths
 
-METHODS = {"pac": "parallel adapters (fast, small)", "lora": "LoRA adapters"}
+METHODS = {"pac": "fast parallel adapters", "lora": "LoRA adapters"}
 
 
 @dataclass
