@@ -60,3 +60,33 @@ def test_lora_rank_must_be_positive():
 
     with pytest.raises(HearthError, match="rank"):
         build_lora_model(_base(), LoraSettings(rank=0))
+
+
+def test_sliced_loss_gives_the_whole_loss_and_gradients(examples):
+    """The LM head a slice of positions at a time (federated rounds) gives `lora_loss` and the
+    gradients of its backward, with several slices and a short last one."""
+    from training.data import IGNORE, collate
+    from training.lora import LOSS_SLICE, LoraSettings, build_lora_model, lora_loss, sliced_lora_loss
+
+    torch.manual_seed(0)
+    model = build_lora_model(_base(), LoraSettings(rank=4, targets=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():   # B starts at zero: give the factors values so every gradient is live
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.eval()
+    batch = collate(examples[:12], 0)
+    labelled = int((batch.labels[:, 1:] != IGNORE).sum())
+    assert labelled > 2 * LOSS_SLICE and labelled % LOSS_SLICE
+
+    whole = lora_loss(model, batch)
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    loss = sliced_lora_loss(model, batch, backward=True)
+    assert loss == pytest.approx(float(whole), rel=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-7), name
+    with torch.no_grad():
+        assert sliced_lora_loss(model, batch) == pytest.approx(float(whole), rel=1e-5)

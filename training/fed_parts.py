@@ -294,7 +294,7 @@ class FedJob:
     def run_round(self, order: RoundOrder) -> RoundReport:
         from training.data import collate
         from training.fedspine import KeepMask, module_masks
-        from training.lora import LoraSettings, build_lora_model, lora_loss, trainable_parameters
+        from training.lora import LoraSettings, build_lora_model, sliced_lora_loss, trainable_parameters
         from training.pruning import LoraImportance, apply_pruning
 
         layers, heads, channels = self.layout.layers, self.layout.heads, self.layout.channels
@@ -337,18 +337,19 @@ class FedJob:
         started = time.perf_counter()
         batches = [collate([self.examples[i] for i in batch], self.pad_id) for batch in self._batches(order.round, order.steps)]
         model.eval()   # no dropout; gradients still flow into the LoRA factors
+        # The LM head runs a slice of positions at a time: a phone's round is then bound by the
+        # body's activations, not by full-vocabulary logits (training/lora.py).
         with torch.no_grad():
-            loss_before = float(lora_loss(model, batches[0]))
+            loss_before = sliced_lora_loss(model, batches[0])
         importance = LoraImportance()
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss = lora_loss(model, batch)
-            loss.backward()
+            sliced_lora_loss(model, batch, backward=True)
             importance.update(model)   # LoRAPrune-style: from the gradients this step already has
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
         with torch.no_grad():
-            loss_after = float(lora_loss(model, batches[0]))
+            loss_after = sliced_lora_loss(model, batches[0])
         train_s = time.perf_counter() - started
 
         # Back to unpruned coordinates: pruned rows/columns are zero (the coordinator ignores them).

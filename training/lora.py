@@ -3,6 +3,8 @@
 What is here (and reused by pruning, federated rounds and GGUF export):
 - `LoraSettings` + `build_lora_model(base, settings)`: a PEFT LoRA model on a frozen base;
 - `lora_loss` / `lora_step`: one training step on a padded `Batch` (loss on labelled tokens);
+- `sliced_lora_loss`: the same loss (and, asked, its gradients) with the LM head run a slice of
+  labelled positions at a time, for devices where the full-vocabulary logits are the peak;
 - `adapter_state` / `load_adapter_state`: the adapter's tensors by name (to average or ship);
 - `save_adapter` / `load_adapter`: a folder that `PeftModel.from_pretrained` loads;
 - `merge_adapter`: the base model with the LoRA deltas folded into its weights.
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import HearthError
-from training.data import Batch
+from training.data import IGNORE, Batch
 
 # "all-linear" is PEFT's shorthand for every linear layer of the decoder except the LM head.
 ALL_LINEAR = "all-linear"
@@ -64,6 +66,44 @@ def lora_loss(model: Any, batch: Batch) -> Any:
     """Mean next-token cross-entropy over the batch's labelled tokens."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     return out.loss
+
+
+# Labelled positions whose logits exist at once in `sliced_lora_loss` (as PAC's LOSS_SLICE).
+LOSS_SLICE = 64
+
+
+def sliced_lora_loss(model: Any, batch: Batch, backward: bool = False) -> float:
+    """`lora_loss`'s value, with the full-vocabulary logits never made for the whole batch.
+
+    The body runs once; its last hidden state is detached, and the LM head and cross-entropy run
+    over LOSS_SLICE labelled positions at a time, each slice's backward adding into the detached
+    state's gradient; one backward then carries that through the body. The gradients are the
+    whole loss's (up to summation order). Why: on SmolLM2 (49,152 tokens of vocabulary) the
+    logits of 2 x 256 positions and their softmax and gradients are ~400 MB of a federated round's
+    peak. `backward=False` only measures (call it under torch.no_grad())."""
+    import torch
+    from torch import nn
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    next_labels = batch.labels[:, 1:]
+    rows, cols = torch.nonzero(next_labels != IGNORE, as_tuple=True)
+    targets = next_labels[rows, cols]
+    count = len(targets)
+    if count == 0:
+        raise HearthError("a batch with no labelled tokens has no loss")
+    state = hidden.detach().requires_grad_(backward)
+    total = 0.0
+    for begin in range(0, count, LOSS_SLICE):
+        end = min(begin + LOSS_SLICE, count)
+        logits = causal.lm_head(state[rows[begin:end], cols[begin:end]]).float()
+        loss = nn.functional.cross_entropy(logits, targets[begin:end], reduction="sum") / count
+        if backward:
+            loss.backward()
+        total += float(loss.detach())
+    if backward:
+        hidden.backward(state.grad)
+    return total
 
 
 def lora_step(model: Any, optimizer: Any, batch: Batch, max_grad_norm: float = 1.0) -> float:
