@@ -66,7 +66,8 @@ def test_sliced_loss_gives_the_whole_loss_and_gradients(examples):
     """The LM head a slice of positions at a time (federated rounds) gives `lora_loss` and the
     gradients of its backward, with several slices and a short last one."""
     from training.data import IGNORE, collate
-    from training.lora import LOSS_SLICE, LoraSettings, build_lora_model, lora_loss, sliced_lora_loss
+    from training.job import LOSS_SLICE
+    from training.lora import LoraSettings, build_lora_model, lora_loss, sliced_lora_loss
 
     torch.manual_seed(0)
     model = build_lora_model(_base(), LoraSettings(rank=4, targets=["q_proj", "v_proj", "down_proj"]))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import HearthError
-from training.data import IGNORE, Batch
+from training.data import Batch
 
 # "all-linear" is PEFT's shorthand for every linear layer of the decoder except the LM head.
 ALL_LINEAR = "all-linear"
@@ -68,27 +68,23 @@ def lora_loss(model: Any, batch: Batch) -> Any:
     return out.loss
 
 
-# Labelled positions whose logits exist at once in `sliced_lora_loss` (as PAC's LOSS_SLICE).
-LOSS_SLICE = 64
-
-
 def sliced_lora_loss(model: Any, batch: Batch, backward: bool = False) -> float:
     """`lora_loss`'s value, with the full-vocabulary logits never made for the whole batch.
 
     The body runs once; its last hidden state is detached, and the LM head and cross-entropy run
-    over LOSS_SLICE labelled positions at a time, each slice's backward adding into the detached
+    over LOSS_SLICE labelled positions at a time (PAC's slice, training/job.py), each slice's backward adding into the detached
     state's gradient; one backward then carries that through the body. The gradients are the
     whole loss's (up to summation order). Why: on SmolLM2 (49,152 tokens of vocabulary) the
     logits of 2 x 256 positions and their softmax and gradients are ~400 MB of a federated round's
     peak. `backward=False` only measures (call it under torch.no_grad())."""
-    import torch
     from torch import nn
+
+    from training.job import LOSS_SLICE
+    from training.parallel_adapters import labelled_positions
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    next_labels = batch.labels[:, 1:]
-    rows, cols = torch.nonzero(next_labels != IGNORE, as_tuple=True)
-    targets = next_labels[rows, cols]
+    rows, cols, targets = labelled_positions(batch)
     count = len(targets)
     if count == 0:
         raise HearthError("a batch with no labelled tokens has no loss")
