@@ -1,4 +1,4 @@
-"""`hearth export MODEL --gguf [--quant f16|q8_0|q4_k_m] [--output PATH]`: one GGUF file for llama.cpp.
+"""`hearth export MODEL --gguf [--quant f16|f32|q8_0|q4_k_m|q4_1] [--output PATH]`: one GGUF file for llama.cpp.
 
 Adapters are merged into the weights first; models with parallel adapters (PAC) cannot be merged
 and are refused (they chat through the torch engine). Prints the file's path.
@@ -13,7 +13,7 @@ from pathlib import Path
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a model as a GGUF file (merged, quantised by llama.cpp)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("model", help="model to export (personalised model, catalog name, folder)")
+    p.add_argument("model", help="model to export (personalised model, catalog name, folder or GGUF file)")
     p.add_argument("--gguf", action="store_true", required=True, help="write GGUF (the only format so far)")
     p.add_argument("--quant", default="f16", choices=("f16", "f32", "q8_0", "q4_k_m", "q4_1"),
                    help="weight type (default f16; smaller types through llama.cpp's quantiser)")
