@@ -4,17 +4,26 @@ The app receives its services (app/services) in its constructor and hands each s
 needs. It starts the mesh and decides whether to show the first-run guide in workers, after the
 first frame, so it opens at once; models load lazily in the Chat screen's worker. An incoming
 pairing request pops up over whatever screen is showing.
+
+Quitting while a training job runs asks first, then waits for the job to stop at its next step
+(its checkpoint kept). A terminal that hangs up (SIGHUP, or a hang-up seen by app/terminal.py)
+closes the app the same way, without asking, with exit status 129.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import sys
+
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 from textual.screen import Screen
 
+from app import terminal
 from app.messages import PairingRequested
 from app.services import Services
 
@@ -120,6 +129,43 @@ class HearthApp(App):
         # Background work starts once the first frame is drawn: its imports (llama.cpp, the
         # mesh's crypto and mDNS) would otherwise hold the interpreter while the screen waits.
         self.call_after_refresh(self._after_first_frame)
+        if not self.is_headless:
+            self._watch_terminal()
+
+    def _watch_terminal(self) -> None:
+        if hasattr(signal, "SIGHUP"):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.hang_up)
+        if terminal.can_watch(sys.__stdin__.fileno()):      # the terminal Textual reads
+            self.set_interval(terminal.HANG_UP_CHECK_S, self._check_terminal)
+
+    def _check_terminal(self) -> None:
+        if terminal.hung_up(sys.__stdin__.fileno()):
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        """The terminal has gone. Exiting stops answers (stored as stopped) and training jobs
+        (checkpoints kept) in `on_unmount`."""
+        self.exit(return_code=terminal.HUNG_UP_EXIT_STATUS)
+
+    async def action_quit(self) -> None:
+        if not self.services.train.running():
+            self.exit()
+            return
+        from app.widgets.dialogs import ConfirmDialog
+
+        def decided(stop: bool | None) -> None:
+            if stop:
+                self.notify("Stopping the training job at its next step; Hearth closes then.", title="Quit")
+                self._stop_jobs_then_exit()
+
+        self.push_screen(ConfirmDialog(
+            "A training job is running. Stop it and quit? It keeps its last checkpoint: "
+            "Resume on the Train screen (F3) carries it on.", yes="Stop and quit"), decided)
+
+    @work(thread=True, exit_on_error=False, group="quit")
+    def _stop_jobs_then_exit(self) -> None:
+        self.services.train.stop_all()
+        self.call_from_thread(self.exit)
 
     def _after_first_frame(self) -> None:
         self._first_run_check()
@@ -170,6 +216,8 @@ class HearthApp(App):
             settled=lambda: request.decided), decided)
 
     def on_unmount(self) -> None:
+        if not self.is_headless and hasattr(signal, "SIGHUP"):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.services.close()
 
 

@@ -69,17 +69,17 @@ async def test_a_short_training_job_reports_progress_on_the_train_screen(hearth_
     assert (hearth_paths().models_dir / "tiny-family" / "hearth-model.json").is_file()
 
 
-@run_async
-async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stories_gguf, monkeypatch):
+@pytest.fixture
+def long_job(hearth_home, stories_gguf, monkeypatch):
+    """An app (and what its Train screen hears) for a job long enough to interrupt.
+
+    Epochs 2.. of PAC on the tiny model train from the cache in milliseconds, so the whole job
+    can end before a key press lands. Each step is held back 50 ms (the training itself is
+    untouched) so that a key surely arrives mid-job on any machine."""
     import time
 
     import training.trainer
-    from core.paths import hearth_paths
-    from textual.widgets import Select
 
-    # Epochs 2.. of PAC on the tiny model train from the cache in milliseconds, so the whole job
-    # can end before a key press lands. Each step is held back 50 ms (the training itself is
-    # untouched) so that Ctrl-X surely arrives mid-job on any machine.
     real_train = training.trainer.train
 
     def train_slowly(spec, resume=False, on_event=None, **kwargs):
@@ -90,25 +90,43 @@ async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stori
         return real_train(spec, resume=resume, on_event=slow, **kwargs)
 
     monkeypatch.setattr(training.trainer, "train", train_slowly)
-
     write_config(hearth_home, chat=stories_chat(stories_gguf))
     tiny_llama_dir()
-    app = make_app()
-    done: list[TrainFinished] = []
-    steps: list[int] = []
+    return make_app(), JobMessages()
 
-    def hook(message):
+
+class JobMessages:
+    """What the Train screen hears of a job: each finish, and the step of each progress report."""
+
+    def __init__(self) -> None:
+        self.done: list[TrainFinished] = []
+        self.steps: list[int] = []
+
+    def hook(self, message) -> None:
         if isinstance(message, TrainFinished):
-            done.append(message)
+            self.done.append(message)
         elif isinstance(message, TrainProgress) and message.status.phase == "train":
-            steps.append(message.status.devices[0].step)
+            self.steps.append(message.status.devices[0].step)
 
-    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
-        await settle(pilot, app)
-        await _fill_form(pilot, app, "tiny-resume", epochs=10)
-        await pilot.press("ctrl+g")
-        # Past the end of epoch 1 (5 steps), where a checkpoint is written.
-        await wait_until(pilot, lambda: steps and steps[-1] >= 6, 240, "epoch 2")
+
+async def _start_long_job(pilot, app, job: JobMessages, name: str) -> None:
+    """A 10-epoch job, started and past the end of epoch 1 (5 steps), where a checkpoint is written."""
+    await settle(pilot, app)
+    await _fill_form(pilot, app, name, epochs=10)
+    await pilot.press("ctrl+g")
+    await wait_until(pilot, lambda: job.steps and job.steps[-1] >= 6, 240, "epoch 2")
+
+
+@run_async
+async def test_cancelled_job_is_resumed_from_the_train_screen(long_job):
+    from core.paths import hearth_paths
+    from textual.widgets import Select
+
+    app, job = long_job
+    done, steps = job.done, job.steps
+
+    async with app.run_test(size=SIZE, message_hook=job.hook) as pilot:
+        await _start_long_job(pilot, app, job, "tiny-resume")
         await pilot.press("ctrl+x")
         await wait_until(pilot, lambda: done, 120, "the cancel")
         assert not done[0].ok and "cancelled" in done[0].text
@@ -122,3 +140,31 @@ async def test_cancelled_job_is_resumed_from_the_train_screen(hearth_home, stori
         assert done[0].ok, done[0].text
         assert min(steps) > 5                     # it carried on after the checkpoint
     assert (hearth_paths().models_dir / "tiny-resume" / "hearth-model.json").is_file()
+
+
+@run_async
+async def test_quitting_during_a_job_asks_then_stops_it_at_a_checkpoint(long_job):
+    from app.widgets.dialogs import ConfirmDialog
+    from core.paths import hearth_paths
+
+    app, job = long_job
+    done, steps = job.done, job.steps
+
+    async with app.run_test(size=SIZE, message_hook=job.hook) as pilot:
+        await _start_long_job(pilot, app, job, "tiny-quit")
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+        await pilot.press("escape")                       # changed their mind: the job goes on
+        await pilot.pause()
+        assert app.return_code is None and app.services.train.running()
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: app.return_code is not None, 120, "the app to close")
+    # Before this, the app's screen closed while the job's thread kept the process (with no
+    # screen) until the last epoch.
+    assert not app.services.train.running()
+    assert done and not done[0].ok and "cancelled" in done[0].text
+    assert not (hearth_paths().models_dir / "tiny-quit").exists()
+    [interrupted] = [j for j in app.services.train.interrupted_jobs() if j.name == "tiny-quit"]
+    assert 5 <= interrupted.step < 50                            # a checkpoint to resume from

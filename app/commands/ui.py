@@ -14,5 +14,6 @@ def run(args: argparse.Namespace) -> int:
     from app.services import build_services
 
     services = build_services()
-    HearthApp(services).run()
-    return 0
+    app = HearthApp(services)
+    app.run()
+    return app.return_code or 0

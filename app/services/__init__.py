@@ -25,6 +25,7 @@ class Services:
     train: TrainService
 
     def close(self) -> None:
+        self.train.stop_all()    # each job stops at its next step and keeps its checkpoint
         self.chat.close()
         self.devices.stop()
 

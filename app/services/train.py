@@ -5,6 +5,10 @@
 progress, the loss curve, samples/s, ETA) on every progress event. Cancelling stops the job at
 its next step; its last checkpoint stays, so `resume` carries on from there. It blocks (minutes):
 the app calls it from a worker thread. torch loads inside `run`, never at import. No UI code here.
+
+`stop_all` cancels every running job and waits for each to stop: the app calls it before it
+exits, because a job's thread would otherwise keep the process alive, with no screen, until the
+last epoch (Python waits for worker threads at exit).
 """
 
 from __future__ import annotations
@@ -84,6 +88,20 @@ class TrainService:
         """`devices`: the DevicesService whose paired devices can join a pooled job."""
         self.this_device = this_device or os.uname().nodename
         self.devices = devices
+        self._jobs = threading.Condition()
+        self._cancels: list[threading.Event] = []    # one per running job
+
+    def running(self) -> bool:
+        with self._jobs:
+            return bool(self._cancels)
+
+    def stop_all(self, timeout: float | None = None) -> bool:
+        """Cancel every running job and wait until each has stopped at its next step (its
+        checkpoint kept). False if one is still running after `timeout` seconds."""
+        with self._jobs:
+            for cancel in self._cancels:
+                cancel.set()
+            return self._jobs.wait_for(lambda: not self._cancels, timeout)
 
     def default_data(self) -> str:
         """The chats taught in the app, if there are any."""
@@ -127,10 +145,22 @@ class TrainService:
     def run(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None],
             cancel: threading.Event | None = None, resume: bool = False) -> str:
         """Train (or resume) `plan`; returns the personalised model's name. Raises TrainCancelled."""
+        self.check(plan)
+        cancel = cancel or threading.Event()
+        with self._jobs:
+            self._cancels.append(cancel)
+        try:
+            return self._run(plan, on_status, cancel, resume)
+        finally:
+            with self._jobs:
+                self._cancels.remove(cancel)
+                self._jobs.notify_all()
+
+    def _run(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None],
+             cancel: threading.Event, resume: bool) -> str:
         from training.job import JobSpec
         from training.trainer import train
 
-        self.check(plan)
         if resume:
             spec = self._interrupted_spec(plan.name)
         else:
@@ -139,7 +169,7 @@ class TrainService:
         losses: list[float] = []
 
         def on_event(event) -> None:
-            if cancel is not None and cancel.is_set():
+            if cancel.is_set():
                 raise TrainCancelled(f"job {spec.name} cancelled at step {event.step}: resume it to carry on")
             if event.loss is not None and event.phase == "train":
                 losses.append(float(event.loss))
@@ -159,6 +189,9 @@ class TrainService:
             train(spec, resume=resume, on_event=on_event)
         name = spec.name
         if plan.pruning > 0 and not resume:
+            if cancel.is_set():
+                raise TrainCancelled(f"model {name} is trained; pruning it was cancelled "
+                                     f"(prune it with: hearth prune {name} --ratio {plan.pruning:g} --out {name}-pruned)")
             name = self._prune(plan, on_status, losses)
         return name
 
