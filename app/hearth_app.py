@@ -33,7 +33,8 @@ MODES = ("chat", "devices", "train", "models")
 REMAPPABLE = (
     "quit", "chat", "devices", "train", "models", "palette",
     "stop", "new_chat", "regenerate", "teach", "copy", "copy_code", "export", "system_prompt",
-    "pair", "unpair", "refresh", "start", "cancel", "resume", "set_active", "export_gguf", "delete",
+    "pair", "unpair", "refresh", "start", "cancel", "resume",
+    "set_active", "download", "stop_download", "export_gguf", "delete",
 )
 
 

@@ -51,3 +51,22 @@ def stories_hf_dir(stories_gguf: Path, tmp_path_factory: pytest.TempPathFactory)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hub_model_dir(stories_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files a test hub serves: a 23 MB model (tests/hub_helpers.py)."""
+    from hub_helpers import make_hub_model
+
+    folder = tmp_path_factory.mktemp("hub-model")
+    make_hub_model(folder, stories_hf_dir)
+    return folder
+
+
+@pytest.fixture
+def hub_mirror(hub_model_dir: Path):
+    """A hub on loopback serving `hub_model_dir` (tests/hub_helpers.py)."""
+    from hub_helpers import serve_mirror
+
+    with serve_mirror({p.name: p.read_bytes() for p in sorted(hub_model_dir.iterdir()) if p.is_file()}) as mirror:
+        yield mirror

@@ -85,3 +85,70 @@ async def test_base_models_cannot_be_deleted(hearth_home, stories_gguf):
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmDialog)
     assert find_entry("smollm2-135m").bundled_path().is_file()
+
+
+@run_async
+async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
+        hearth_home, stories_gguf, hub_mirror, monkeypatch):
+    """The Models screen downloads a catalog model from a hub on loopback (tests/hub_helpers.py,
+    serving a small model under SmolLM2-360M's hub id): refused as chat model before, progress
+    while it comes, stopped half-way with x, downloaded again, then set active for new conversations."""
+    from core.config import load_config
+    from hub_helpers import hub_env
+
+    from app.screens.models import DownloadProgress
+
+    hub_mirror.repo_id = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    hub_mirror.slow = 0.3                      # 23 MB at ~3 MB/s: a stop lands half-way
+    for name, value in hub_env(hub_mirror.url).items():     # the download runs in a child process
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    write_config(hearth_home, chat=stories_chat(stories_gguf, model="smollm2-135m"))
+    app = make_app()
+    progress: list[str] = []
+
+    def hook(message):
+        if isinstance(message, DownloadProgress):
+            progress.append(message.text)
+
+    def row(name: str):
+        return {m.name: m for m in app.screen.rows}[name]
+
+    def status() -> str:
+        return str(app.screen.query_one("#models-status").render())
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        assert not row("smollm2-360m").available
+        _select(app, "smollm2-360m")
+        await pilot.press("a")                 # not here yet: chat keeps its model
+        await pilot.pause()
+        assert load_config().get("chat.model") == "smollm2-135m"
+
+        await pilot.press("g")
+        await wait_until(pilot, lambda: any(" 0 of" not in p for p in progress), 60, "some MB to arrive")
+        assert app.screen.check_action("stop_download", ()) is True
+        await pilot.press("x")
+        await wait_until(pilot, lambda: "stopped" in status(), 30, "the stop")
+        assert not row("smollm2-360m").available
+        assert app.screen.check_action("stop_download", ()) is False   # gone from the footer
+        first = hub_mirror.gets("model.safetensors")
+        assert first and first[-1].bytes_sent < len(hub_mirror.files["model.safetensors"])
+        # Stopped with SIGINT, the child deleted its partial file (SIGTERM would leave it).
+        blobs = hearth_home / "cache" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct" / "blobs"
+        assert not list(blobs.glob("*.incomplete"))
+
+        hub_mirror.slow = 0.0
+        _select(app, "smollm2-360m")
+        await pilot.press("g")
+        await wait_until(pilot, lambda: "Downloaded smollm2-360m" in status(), 120, "the download")
+        await wait_until(pilot, lambda: row("smollm2-360m").available, 30, "the refresh")
+
+        _select(app, "smollm2-360m")
+        await pilot.press("a")
+        await settle(pilot, app)
+        assert load_config().get("chat.model") == "smollm2-360m"
+        # The chat service follows at once: a new conversation uses it without a restart.
+        assert app.services.chat.new_conversation().model == "smollm2-360m"

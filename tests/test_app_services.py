@@ -91,3 +91,19 @@ def test_devices_service_without_a_mesh_shows_this_device(hearth_home):
 
     [row] = DevicesService().devices()
     assert row.this_device and row.paired and row.cores == os.cpu_count() and row.memory_gb > 0
+
+
+def test_a_model_not_on_this_device_is_refused_not_downloaded(hearth_home, tmp_path, monkeypatch):
+    """Chat and Train in the app never start a download behind the screen (the hub is made
+    unreachable: a download attempt would fail with another message)."""
+    from app.services.train import TrainPlan, TrainService
+    from core.errors import HearthError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_config(hearth_home, chat={"model": "smollm2-360m"})
+    with pytest.raises(HearthError, match="smollm2-360m is not on this device yet: download it on the Models"):
+        _chat_service(None).engine("smollm2-360m")
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    with pytest.raises(HearthError, match="smollm2-360m is not on this device yet"):
+        TrainService("here").check(TrainPlan("family", str(data), "smollm2-360m"))

@@ -22,10 +22,15 @@ from core.paths import hearth_paths
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
+def repo_cache_dir(hub_id: str) -> Path:
+    """Where huggingface_hub keeps `hub_id` in Hearth's cache (its blobs/ hold the bytes)."""
+    return hearth_paths().hub_cache_dir / ("models--" + hub_id.replace("/", "--"))
+
+
 def local_snapshot(hub_id: str) -> Path | None:
     """The downloaded folder of `hub_id`, or None if it is not fully in the cache. Never networks."""
     cache = hearth_paths().hub_cache_dir
-    if not (cache / ("models--" + hub_id.replace("/", "--"))).is_dir():
+    if not repo_cache_dir(hub_id).is_dir():
         return None
     from huggingface_hub import snapshot_download
 
@@ -35,6 +40,12 @@ def local_snapshot(hub_id: str) -> Path | None:
     except Exception:  # not cached, incomplete, or an unreadable cache: all mean "not here"
         return None
     return folder if (folder / "config.json").is_file() else None
+
+
+def partial_files(hub_id: str) -> set[Path]:
+    """The files of `hub_id` being downloaded (or left behind by a download that was killed)."""
+    blobs = repo_cache_dir(hub_id) / "blobs"
+    return set(blobs.glob("*.incomplete")) if blobs.is_dir() else set()
 
 
 def download(hub_id: str, progress: bool = True) -> Path:

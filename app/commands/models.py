@@ -86,8 +86,35 @@ def _list(as_json: bool) -> int:
 
 
 def _pull(model: str) -> int:
+    from training.hub import partial_files
     from training.model_store import ensure_local, resolve
 
-    ref = ensure_local(resolve(model))
+    ref = resolve(model)
+    if ref.kind == "hub":
+        _stop_on_signals(model, ref.hub_id or ref.text, partial_files(ref.hub_id or ref.text))
+    ref = ensure_local(ref)
     print(ref.path)
     return 0
+
+
+def _stop_on_signals(model: str, hub_id: str, partial_before: set) -> None:
+    """Make Ctrl-C (and SIGTERM) stop a download at once. huggingface_hub downloads in worker
+    threads that Python waits for at exit, so a KeyboardInterrupt alone lets the download run on
+    to the end; and a process killed outright leaves its partial file in the cache for ever.
+    So: delete this run's partial files, say so, and leave without waiting for the threads."""
+    import os
+    import signal
+    import sys
+
+    from training.hub import partial_files
+
+    def stop(signum, _frame) -> None:
+        for path in partial_files(hub_id) - partial_before:
+            path.unlink(missing_ok=True)
+        # On a line of its own: the progress bar's line is left unfinished.
+        print(f"\nhearth: download of {model} stopped (files already complete are kept)",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)

@@ -1,15 +1,20 @@
 """The Models screen: base and personalised models, with what each is and how it was made.
 
-Set active (a) makes a model the one chat uses; export (e) writes a GGUF that llama.cpp runs;
-delete (d) removes a personalised model after a confirmation. Export and delete run in workers.
+Set active (a) makes a model the one chat uses; download (g) fetches a catalog model that is not
+here yet, with its progress below the table, and x stops it (files already complete are kept); export (e) writes a GGUF that
+llama.cpp runs; delete (d) removes a personalised model after a confirmation. Downloads, exports
+and deletes run in workers.
 """
 
 from __future__ import annotations
+
+import threading
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
@@ -22,10 +27,18 @@ class ModelsChanged(TaskDone):
     pass
 
 
+class DownloadProgress(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
 class ModelsScreen(Screen):
     CSS_PATH = "../styles/models.tcss"
     BINDINGS = [
         Binding("a", "set_active", "Set active", id="set_active"),
+        Binding("g", "download", "Download", id="download"),
+        Binding("x", "stop_download", "Stop download", id="stop_download"),
         Binding("e", "export_gguf", "Export GGUF", id="export_gguf"),
         Binding("d", "delete", "Delete", id="delete"),
         Binding("r", "refresh", "Refresh", id="refresh"),
@@ -35,6 +48,7 @@ class ModelsScreen(Screen):
         super().__init__(id="models-screen")
         self.models = models
         self.rows: list[ModelInfo] = []
+        self._download_cancel: threading.Event | None = None   # set while a download runs
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -56,6 +70,7 @@ class ModelsScreen(Screen):
     def palette_commands(self) -> list[tuple[str, str, object]]:
         return [
             ("Models: set active", "chat with the selected model", self.action_set_active),
+            ("Models: download", "fetch the selected catalog model to this device", self.action_download),
             ("Models: export to GGUF", "write a file llama.cpp and other apps run", self.action_export_gguf),
             ("Models: delete", "delete the selected personalised model", self.action_delete),
         ]
@@ -97,6 +112,8 @@ class ModelsScreen(Screen):
         text = f"[b]{m.name}[/b]: {m.title}."
         if m.active:
             text += " Chat uses this model."
+        if not m.available:
+            text += f" Not on this device yet: download it (g, {m.size_mb:.0f} MB)."
         if m.kind == "personal" and not m.has_gguf:
             text += " Chat runs it through torch; export it (e) for llama.cpp, faster, if it can be merged."
         self.query_one("#model-details", Static).update(text)
@@ -111,6 +128,9 @@ class ModelsScreen(Screen):
         m = self._selected()
         if m is None:
             return
+        if not m.available:
+            self.notify(f"{m.name} is not on this device yet: download it first (g).")
+            return
         try:
             self.models.set_active(m.name)
         except Exception as exc:  # noqa: BLE001
@@ -118,6 +138,44 @@ class ModelsScreen(Screen):
             return
         self.notify(f"Chat now uses {m.name} (new conversations).")
         self.action_refresh()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop_download":        # shown in the footer only while a download runs
+            return self._download_cancel is not None
+        return True
+
+    def action_download(self) -> None:
+        m = self._selected()
+        if m is None:
+            return
+        if m.available:
+            self.notify(f"{m.name} is on this device already.")
+            return
+        if self._download_cancel is not None:
+            self.notify("A download is running already; x stops it.")
+            return
+        self._download_cancel = threading.Event()
+        self.refresh_bindings()
+        self.query_one("#models-status", Static).update(f"Downloading {m.name}…")
+        self._download(m.name, self._download_cancel)
+
+    def action_stop_download(self) -> None:
+        if self._download_cancel is not None:
+            self._download_cancel.set()
+
+    @work(thread=True, exit_on_error=False, group="download")
+    def _download(self, name: str, cancel: threading.Event) -> None:
+        def progress(here_mb: float, total_mb: float) -> None:
+            # A message, not call_from_thread: that would wait on the app's loop, and hang
+            # this thread (and the exit) if the app is closing.
+            self.post_message(DownloadProgress(
+                f"Downloading {name}: {here_mb:.0f} of about {total_mb:.0f} MB (x stops)"))
+
+        try:
+            self.models.download(name, progress, cancel)
+            self.post_message(ModelsChanged("download", f"Downloaded {name}: set it active (a) to chat with it."))
+        except Exception as exc:  # noqa: BLE001 - a HearthError says what went wrong
+            self.post_message(ModelsChanged("download", "", str(exc)))
 
     def action_export_gguf(self) -> None:
         m = self._selected()
@@ -161,8 +219,16 @@ class ModelsScreen(Screen):
         except Exception as exc:  # noqa: BLE001
             self.post_message(ModelsChanged("delete", "", str(exc)))
 
+    @on(DownloadProgress)
+    def _download_progress(self, message: DownloadProgress) -> None:
+        if self._download_cancel is not None:     # not a late one, after the end
+            self.query_one("#models-status", Static).update(message.text)
+
     @on(ModelsChanged)
     def _changed(self, message: ModelsChanged) -> None:
+        if message.what == "download":
+            self._download_cancel = None
+            self.refresh_bindings()
         self.notify(message.error or message.text, severity="error" if message.error else "information")
         self.query_one("#models-status", Static).update(message.error or message.text)
         self.action_refresh()

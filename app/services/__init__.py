@@ -26,6 +26,7 @@ class Services:
 
     def close(self) -> None:
         self.train.stop_all()    # each job stops at its next step and keeps its checkpoint
+        self.models.close()      # a download stops; the next one resumes it
         self.chat.close()
         self.devices.stop()
 
@@ -40,10 +41,11 @@ def build_services(config: Config | None = None, devices: DevicesService | None 
 
     config = config or load_config()
     devices = devices or DevicesService()
+    chat = ChatService(History(), config)
     return Services(
         config=config,
-        chat=ChatService(History(), config),
-        models=ModelsService(config),
+        chat=chat,
+        models=ModelsService(config, on_active=chat.use_model),
         devices=devices,
         train=TrainService(devices=devices),
     )

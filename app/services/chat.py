@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.services.models import require_here
 from core.config import Config
 from serving.history import Conversation, History, Message
 from training.engines import ChatEngine, ChatMessage, SamplingSettings
@@ -46,6 +47,10 @@ class ChatService:
         self._streams_lock = threading.Lock()
         self._idle = threading.Condition(self._streams_lock)
         self._closed = False
+
+    def use_model(self, name: str) -> None:
+        """New conversations use `name` (the Models screen's "set active"); open ones keep theirs."""
+        self.default_model = name
 
     # --- conversations ---------------------------------------------------------------------
 
@@ -103,6 +108,8 @@ class ChatService:
                 opener = self._open
                 if opener is None:
                     from training.engines import open_engine as opener
+
+                    require_here(model)
                 self._engine = opener(model, int(self._chat["context_length"]), int(self._chat["threads"]))
                 self._engine_model = model
             return self._engine

@@ -1,13 +1,20 @@
 """The models the app lists: catalog base models and personalised ones, and what can be done to them.
 
-`ModelsService` reads the catalog and the model store, sets the active chat model in the config,
-deletes a personalised model's folder and exports one to GGUF (training/export_gguf.py). It
-blocks (an export takes minutes): the app calls it from worker threads. No UI code here.
+`ModelsService` reads the catalog and the model store, downloads a catalog model, sets the active
+chat model in the config, deletes a personalised model's folder and exports one to GGUF
+(training/export_gguf.py). It blocks (a download or an export takes minutes): the app calls it
+from worker threads. No UI code here.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +38,12 @@ class ModelInfo:
 
 
 class ModelsService:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, on_active: Callable[[str], None] | None = None):
+        """`on_active(name)` is told when the active model changes (the chat service's default)."""
         self._config = config
+        self._on_active = on_active
+        self._downloads: list[subprocess.Popen] = []
+        self._downloads_lock = threading.Lock()
 
     @property
     def active_model(self) -> str:
@@ -72,8 +83,52 @@ class ModelsService:
         """Make `name` the model chat uses (written to the user's config)."""
         from training.model_store import resolve
 
-        resolve(name)  # a one-line HearthError for a name that is not a model
+        if resolve(name).kind == "hub":   # resolve: a one-line HearthError for what is not a model
+            raise HearthError(f"model {name} is not downloaded yet: download it first")
         self._config = set_value("chat.model", name, self._config.path)
+        if self._on_active is not None:
+            self._on_active(name)
+
+    def download(self, name: str, on_progress: Callable[[float, float], None],
+                 cancel: threading.Event | None = None) -> None:
+        """Download catalog model `name` (minutes), calling `on_progress(MB here, MB in all)`
+        twice a second. It runs `hearth models pull` as a child process, which cancelling (or
+        closing the app) interrupts at once; a thread could not be stopped, and would hold the
+        app open. Files finished before the stop are kept; huggingface_hub drops a partial one
+        (its temporary name is unique to each run), so the next download starts that one again."""
+        from training.catalog import find_entry
+        from training.hub import repo_cache_dir
+
+        entry = find_entry(name)
+        if entry is None or entry.bundled_path() is not None:
+            raise HearthError(f"model {name}: not a catalog model to download")
+        cancel = cancel or threading.Event()
+        blobs = repo_cache_dir(entry.hub_id) / "blobs"
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
+            process = subprocess.Popen([sys.executable, "-m", "app", "models", "pull", entry.hub_id],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            with self._downloads_lock:
+                self._downloads.append(process)
+            try:
+                while process.poll() is None:
+                    on_progress(_folder_mb(blobs) if blobs.is_dir() else 0.0, float(entry.size_mb))
+                    if cancel.wait(0.5):
+                        raise HearthError(f"download of {name} stopped (files already complete are kept)")
+            finally:
+                with self._downloads_lock:
+                    self._downloads.remove(process)
+                _interrupt(process)
+            if process.returncode != 0:
+                errors.seek(0)
+                said = [line for line in errors.read().splitlines() if line.startswith("hearth: ")]
+                reason = said[-1].removeprefix("hearth: ") if said else f"exit status {process.returncode}"
+                raise HearthError(f"download of {name} failed: {reason}")
+
+    def close(self) -> None:
+        """Stop the downloads in progress."""
+        with self._downloads_lock:
+            for process in self._downloads:
+                process.send_signal(signal.SIGINT)
 
     def delete(self, name: str) -> None:
         """Delete a personalised model's folder. Base models are never deleted."""
@@ -109,6 +164,27 @@ def _millions(count: int) -> str:
     if count >= 1e6:
         return f"{count / 1e6:.0f}M"
     return f"{count / 1e3:.0f}K"
+
+
+def require_here(model: str) -> None:
+    """The app never downloads behind its screen (gigabytes unasked, a progress bar over the
+    app): a base model that is not on this device yet is refused with where to get it."""
+    from training.model_store import resolve
+
+    if resolve(model).kind == "hub":
+        raise HearthError(f"model {model} is not on this device yet: download it on the Models screen (F4)")
+
+
+def _interrupt(process: subprocess.Popen) -> None:
+    """End a `hearth models pull`: SIGINT, so that huggingface_hub deletes its partial file
+    (SIGTERM would leave it in the cache for ever); SIGKILL if it has not gone in 10 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _folder_mb(folder: Path) -> float:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.services.models import require_here
 from core.errors import HearthError
 from core.paths import hearth_paths
 
@@ -127,6 +128,7 @@ class TrainService:
             raise HearthError("training with other devices runs the pac method only: choose pac")
         if others and self.devices is None:
             raise HearthError("no mesh: train on this device only")
+        require_here(plan.model)
 
     def interrupted_jobs(self) -> list[InterruptedJob]:
         """Jobs with a checkpoint left behind (cancelled or killed), newest first."""
