@@ -135,7 +135,7 @@ async def test_cancelled_job_is_resumed_from_the_train_screen(long_job):
                          30, "the interrupted job in the list")
         done.clear()
         steps.clear()
-        await pilot.press("ctrl+u")
+        await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: done, 240, "the resumed job")
         assert done[0].ok, done[0].text
         assert min(steps) > 5                     # it carried on after the checkpoint
@@ -168,3 +168,28 @@ async def test_quitting_during_a_job_asks_then_stops_it_at_a_checkpoint(long_job
     assert not (hearth_paths().models_dir / "tiny-quit").exists()
     [interrupted] = [j for j in app.services.train.interrupted_jobs() if j.name == "tiny-quit"]
     assert 5 <= interrupted.step < 50                            # a checkpoint to resume from
+
+
+@run_async
+async def test_resume_with_nothing_interrupted_starts_nothing_and_ctrl_u_edits(hearth_home, stories_gguf):
+    """Resume used to read an empty list's value as a job name and start a job called
+    "Select.NULL"; and it sat on Ctrl-U, so clearing an input that way started it."""
+    from textual.widgets import Input
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    app = make_app()
+    job = JobMessages()
+    async with app.run_test(size=SIZE, message_hook=job.hook) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        await settle(pilot, app)
+        name = app.screen.query_one("#name", Input)
+        name.focus()
+        name.cursor_position = len(name.value)
+        await pilot.press("ctrl+u")                       # the input's "delete to the start"
+        await pilot.pause()
+        assert name.value == ""
+        await pilot.press("ctrl+r")
+        await pilot.pause(0.5)
+        assert not app.services.train.running() and not job.done
+        assert any("No interrupted job" in str(n.message) for n in app._notifications)

@@ -32,10 +32,11 @@ REPAINT_S = 0.1
 class TrainScreen(Screen):
     CSS_PATH = "../styles/train.tcss"
     BINDINGS = [
-        # priority: the form's inputs would otherwise take these keys (cut, delete line).
+        # priority: the form's inputs would otherwise take Ctrl-X (cut). Ctrl-U stays the inputs' "delete
+        # to the start": taken for Resume, that reflex started a job.
         Binding("ctrl+g", "start", "Start", id="start", priority=True),
         Binding("ctrl+x", "cancel", "Cancel job", id="cancel", priority=True),
-        Binding("ctrl+u", "resume", "Resume", id="resume", priority=True),
+        Binding("ctrl+r", "resume", "Resume", id="resume", priority=True),
     ]
 
     def __init__(self, train: TrainService, models: ModelsService, devices: DevicesService) -> None:
@@ -51,7 +52,7 @@ class TrainScreen(Screen):
         this = self.train.this_device
         base_models = [(m.name, m.name) for m in self.models.models() if m.kind == "base" and m.available]
         with_default = self.models.active_model if any(v == self.models.active_model for _, v in base_models) else (
-            base_models[0][1] if base_models else Select.BLANK)
+            base_models[0][1] if base_models else Select.NULL)
         yield Header()
         with Horizontal(id="train-body"):
             with VerticalScroll(id="train-form"):
@@ -76,7 +77,7 @@ class TrainScreen(Screen):
                     yield Button("Cancel (Ctrl-X)", id="cancel", variant="error", disabled=True)
                 yield Label("Interrupted jobs")
                 yield Select([], prompt="none", id="interrupted")
-                yield Button("Resume (Ctrl-U)", id="resume", disabled=True)
+                yield Button("Resume (Ctrl-R)", id="resume", disabled=True)
             with Vertical(id="train-progress"):
                 yield Label("Progress", classes="title")
                 yield Vertical(id="device-bars")
@@ -106,7 +107,7 @@ class TrainScreen(Screen):
         return TrainPlan(
             name=self.query_one("#name", Input).value.strip(),
             data=self.query_one("#data", Input).value.strip(),
-            model=str(model) if model is not Select.BLANK else "",
+            model=str(model) if model is not Select.NULL else "",
             method=str(self.query_one("#method", Select).value),
             epochs=int(epochs) if epochs.isdigit() else 0,
             devices=list(self.query_one("#devices", SelectionList).selected),
@@ -171,7 +172,7 @@ class TrainScreen(Screen):
 
     def action_resume(self) -> None:
         value = self.query_one("#interrupted", Select).value
-        if value is Select.BLANK or value is None:
+        if value is Select.NULL or value is None:
             self.notify("No interrupted job to resume.")
             return
         self.action_start(resume=str(value))
