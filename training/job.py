@@ -26,15 +26,12 @@ import torch
 
 from core.atomic import atomic_path, atomic_write_text
 from core.errors import HearthError
+from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
 
 METHODS = ("pac", "lora", "full")
 QUANTS = ("none", "nf4", "int8")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
-# The peak learning rate; every job decays it to zero over its steps (`scheduled_lr`).
-DEFAULT_LR = {"pac": 1e-3, "lora": 8e-4, "full": 2e-5}
-# Chosen on the household fixture (docs/training.md): enough passes for 20 facts to stick.
-DEFAULT_EPOCHS = {"pac": 25, "lora": 25, "full": 3}
 
 
 @dataclass

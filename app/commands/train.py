@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR
+
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="personalise a model on your data (PAC or LoRA)",
@@ -22,12 +24,12 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pac", "lora"], default="pac",
                    help="pac: parallel adapters with an activation cache (fast); lora: PEFT LoRA (mergeable)")
     p.add_argument("--model", default=None, help="base model (default: the catalog's default)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 25 for pac, 12 for lora)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: {pac} for pac, {lora} for lora)".format(**DEFAULT_EPOCHS))
     p.add_argument("--out", "--name", dest="out", required=True,
                    help="name of the personalised model (see `hearth models list`)")
     p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
                    help="load the frozen backbone quantised (bitsandbytes) to save memory")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, decayed to zero over the job (default: 1e-3 pac, 8e-4 lora)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, decayed to zero over the job (default: {pac:g} pac, {lora:g} lora)".format(**DEFAULT_LR))
     p.add_argument("--batch-size", type=int, default=4, help="samples per step (default 4)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, all linear layers)")
     p.add_argument("--no-cache", action="store_true", help="PAC: run the backbone every epoch instead of caching")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise HearthError("--data is required (except with --federated, where each device brings its own)")
     from training.catalog import DEFAULT_MODEL
-    from training.job import DEFAULT_EPOCHS, JobSpec
+    from training.job import JobSpec
     from training.trainer import train
 
     spec = JobSpec(

@@ -23,7 +23,7 @@ from textual.widgets import (
 from app.messages import TrainFinished, TrainProgress
 from app.services.devices import DevicesService
 from app.services.models import ModelsService
-from app.services.train import METHODS, TrainPlan, TrainService, TrainStatus, where_data_goes
+from app.services.train import DEFAULT_EPOCHS, METHODS, TrainPlan, TrainService, TrainStatus, where_data_goes
 
 PRUNING = [("none", 0.0), ("10%", 0.1), ("20%", 0.2), ("30%", 0.3)]
 REPAINT_S = 0.1
@@ -68,7 +68,7 @@ class TrainScreen(Screen):
                 yield Label("Devices")
                 yield SelectionList((this, this, True), id="devices")
                 yield Label("Epochs")
-                yield Input("3", id="epochs", type="integer")
+                yield Input(str(DEFAULT_EPOCHS["pac"]), id="epochs", type="integer")
                 yield Label("Target pruning (a smaller, faster model)")
                 yield Select(PRUNING, value=0.0, allow_blank=False, id="pruning")
                 yield Static("", id="data-statement")

@@ -23,6 +23,7 @@ from pathlib import Path
 from app.services.models import require_here
 from core.errors import HearthError
 from core.paths import hearth_paths
+from training.job_defaults import DEFAULT_EPOCHS
 
 METHODS = {"pac": "fast parallel adapters", "lora": "LoRA adapters"}
 
@@ -33,7 +34,7 @@ class TrainPlan:
     data: str                    # a JSONL of chats, a folder of notes, or the taught chats file
     model: str
     method: str = "pac"
-    epochs: int = 3
+    epochs: int = DEFAULT_EPOCHS["pac"]    # the same for lora; what makes the household facts stick
     devices: list[str] = field(default_factory=list)   # names of the devices that train; [] = this one
     pruning: float = 0.0         # fraction of the base to remove (0: none)
     max_steps: int | None = None
