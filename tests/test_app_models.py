@@ -12,11 +12,11 @@ from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
 pytestmark = pytest.mark.slow
 
 
-def _train_tiny(name: str) -> None:
+def _train_tiny(name: str, method: str = "lora") -> None:
     from app.services.train import TrainPlan, TrainService
 
     TrainService("here").run(TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()),
-                                       method="lora", epochs=1),
+                                       method=method, epochs=1),
                              lambda status: None)
 
 
@@ -152,3 +152,25 @@ async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
         assert load_config().get("chat.model") == "smollm2-360m"
         # The chat service follows at once: a new conversation uses it without a restart.
         assert app.services.chat.new_conversation().model == "smollm2-360m"
+
+
+@run_async
+async def test_a_pac_model_says_it_cannot_be_exported_instead_of_trying(hearth_home, stories_gguf):
+    from core.paths import hearth_paths
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    _train_tiny("tiny-pac", method="pac")
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        _select(app, "tiny-pac")
+        await pilot.pause()
+        details = str(app.screen.query_one("#model-details").render())
+        assert "cannot be merged into a GGUF" in details and "export it (e)" not in details
+        await pilot.press("e")
+        await pilot.pause()
+        assert any("cannot be merged" in str(n.message) for n in app._notifications)
+        assert "Exporting" not in str(app.screen.query_one("#models-status").render())
+    assert not any((hearth_paths().models_dir / "tiny-pac").glob("*.gguf"))

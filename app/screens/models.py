@@ -115,7 +115,8 @@ class ModelsScreen(Screen):
         if not m.available:
             text += f" Not on this device yet: download it (g, {m.size_mb:.0f} MB)."
         if m.kind == "personal" and not m.has_gguf:
-            text += " Chat runs it through torch; export it (e) for llama.cpp, faster, if it can be merged."
+            text += (" Chat runs it through torch; export it (e) to GGUF for llama.cpp, faster." if m.mergeable else
+                     " Chat runs it through torch: its parallel adapters cannot be merged into a GGUF.")
         self.query_one("#model-details", Static).update(text)
 
     def _selected(self) -> ModelInfo | None:
@@ -183,6 +184,10 @@ class ModelsScreen(Screen):
             return
         if m.kind != "personal":
             self.notify("Base models are GGUF files already.")
+            return
+        if not m.mergeable:
+            self.notify(f"{m.name} has parallel adapters, which cannot be merged into a GGUF: "
+                        "chat runs it through torch. Train with LoRA for a model that exports.")
             return
         self.query_one("#models-status", Static).update(f"Exporting {m.name} to GGUF… (minutes)")
         self._export(m.name)

@@ -35,6 +35,7 @@ class ModelInfo:
     available: bool           # can chat or train without a download
     active: bool              # the model chat uses by default
     has_gguf: bool            # llama.cpp can run it
+    mergeable: bool = False   # a personalised model whose adapters merge into a GGUF (not pac's side chain)
 
 
 class ModelsService:
@@ -73,6 +74,7 @@ class ModelsService:
                 parameters=_millions(model.parameters), size_mb=_folder_mb(folder),
                 pruning=float(model.pruning_ratio), trained=trained, available=True,
                 active=model.name == active, has_gguf=any(folder.glob("*.gguf")),
+                mergeable=model.format != "pac",
             ))
         return found
 
