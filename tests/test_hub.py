@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from hub_helpers import HUB_ID, REPO_ROOT, HubMirror, hearth, hearth_env
 
 
@@ -65,13 +67,16 @@ def test_hub_download_shows_progress_and_resumes_a_broken_transfer(
     assert not [r for r in hub_mirror.log[requests_before:] if r.method == "GET" and "/resolve/" in r.path]
 
 
-def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(hub_mirror: HubMirror, tmp_path):
+@pytest.mark.parametrize("command", [["models", "pull", HUB_ID], ["chat", "--model", HUB_ID, "--no-history"]],
+                         ids=["pull", "chat"])
+def test_ctrl_c_stops_a_download_at_once_and_leaves_no_partial_file(command, hub_mirror: HubMirror, tmp_path):
     """huggingface_hub downloads in threads Python waits for: a plain KeyboardInterrupt let the
-    download run on to the end, and a killed process left its partial file in the cache."""
+    download run on to the end, and a killed process left its partial file in the cache. Every
+    command that loads a model downloads it through the same path (`app.commands.models.fetch`)."""
     hub_mirror.slow = 0.3                                 # 23 MB at ~3 MB/s
     home = tmp_path / "home"
-    pull = subprocess.Popen([sys.executable, "-m", "app", "models", "pull", HUB_ID],
-                            env=hearth_env(home, hub_mirror.url), cwd=REPO_ROOT,
+    pull = subprocess.Popen([sys.executable, "-m", "app", *command],
+                            env=hearth_env(home, hub_mirror.url), cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -25,6 +25,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from core.config import load_config
+    from app.commands.models import fetch
     from training.engines import ChatMessage, SamplingSettings, open_engine
 
     config = load_config()
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Loading {model}...", file=sys.stderr, flush=True)
+    fetch(model)
     engine = open_engine(model, int(chat["context_length"]), int(chat["threads"]))
     messages = [ChatMessage("system", system)] if system else []
     # The conversation goes into the chat history (serving/history.py) as the app's do; it is

@@ -22,8 +22,10 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.commands.models import fetch
     from training.export_gguf import export_model
 
+    fetch(args.model)
     result = export_model(args.model, args.quant, Path(args.output) if args.output else None)
     print(result.path)
     return 0

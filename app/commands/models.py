@@ -86,27 +86,29 @@ def _list(as_json: bool) -> int:
 
 
 def _pull(model: str) -> int:
-    from training.hub import partial_files
-    from training.model_store import ensure_local, resolve
-
-    ref = resolve(model)
-    if ref.kind == "hub":
-        _stop_on_signals(model, ref.hub_id or ref.text, partial_files(ref.hub_id or ref.text))
-    ref = ensure_local(ref)
-    print(ref.path)
+    print(fetch(model).path)
     return 0
 
 
-def _stop_on_signals(model: str, hub_id: str, partial_before: set) -> None:
-    """Make Ctrl-C (and SIGTERM) stop a download at once. huggingface_hub downloads in worker
-    threads that Python waits for at exit, so a KeyboardInterrupt alone lets the download run on
-    to the end; and a process killed outright leaves its partial file in the cache for ever.
-    So: delete this run's partial files, say so, and leave without waiting for the threads."""
+def fetch(model: str):
+    """The ModelRef of `model`, downloaded first if it is a hub model not here yet. Commands call
+    it before they load a model, so that Ctrl-C stops a download at once: huggingface_hub
+    downloads in worker threads that Python waits for at exit, so a KeyboardInterrupt alone let
+    the download run on to its end; and a process killed outright leaves its partial file in the
+    cache for ever. While it downloads, SIGINT and SIGTERM delete this run's partial files, say
+    so, and leave without waiting for the threads."""
     import os
     import signal
     import sys
 
     from training.hub import partial_files
+    from training.model_store import ensure_local, resolve
+
+    ref = resolve(model)
+    if ref.kind != "hub":
+        return ref
+    hub_id = ref.hub_id or ref.text
+    partial_before = partial_files(hub_id)
 
     def stop(signum, _frame) -> None:
         for path in partial_files(hub_id) - partial_before:
@@ -116,5 +118,9 @@ def _stop_on_signals(model: str, hub_id: str, partial_before: set) -> None:
               file=sys.stderr, flush=True)
         os._exit(128 + signum)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return ensure_local(ref)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

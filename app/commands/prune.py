@@ -26,8 +26,10 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from app.commands.models import fetch
     from training.pruning import prune_to_store
 
+    fetch(args.model)
     result = prune_to_store(args.model, args.ratio, args.out, Path(args.data) if args.data else None, args.granularity)
     summary = {
         "name": result.name,

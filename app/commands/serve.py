@@ -18,6 +18,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.commands.models import fetch
     from core.config import load_config
     from core.errors import HearthError
     from serving.api import ApiSettings, ChatServer, ensure_token
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     token, made = ensure_token()
     model = args.model or chat["model"]
     print(f"Loading {model}...", file=sys.stderr, flush=True)
+    fetch(model)
     engine = open_engine(model, int(chat["context_length"]), int(chat["threads"]))
     try:
         server = ChatServer(engine, ApiSettings(token, engine.name, port, SamplingSettings.from_config(chat)))

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             report.close()
     if not args.data:
         raise HearthError("--data is required (except with --federated, where each device brings its own)")
+    from app.commands.models import fetch
     from training.catalog import DEFAULT_MODEL
     from training.job import JobSpec
     from training.trainer import train
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         quant=args.quant, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         cache=not args.no_cache, lora_rank=args.rank,
     )
+    fetch(spec.model)
     report = _JsonReport() if args.json else _BarReport()
     try:
         if args.devices:

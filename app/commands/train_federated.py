@@ -15,6 +15,7 @@ def run_federated(args, report) -> int:
     from core.errors import HearthError
     from mesh.job_parts import connect_job_peers, reconnect
     from mesh.service import MeshService
+    from app.commands.models import fetch
     from training.catalog import DEFAULT_MODEL, find_entry
     from training.fed_parts import FedSpec
     from training.federated import FedDevice, train_federated
@@ -29,6 +30,7 @@ def run_federated(args, report) -> int:
                    lr=args.lr if args.lr is not None else FedSpec.lr, seed=args.seed, quorum=args.quorum,
                    deadline_s=args.deadline)
     spec.validate()
+    fetch(spec.model)
     local = local_data([args.data]) if args.data else None
     service = MeshService(serve=False, interfaces=args.interface).start()
     try:
