@@ -1,9 +1,9 @@
 """The Models screen: base and personalised models, with what each is and how it was made.
 
 Set active (a) makes a model the one chat uses; download (g) fetches a catalog model that is not
-here yet, with its progress below the table, and x stops it (files already complete are kept); export (e) writes a GGUF that
-llama.cpp runs; delete (d) removes a personalised model after a confirmation. Downloads, exports
-and deletes run in workers.
+here yet, with its progress below the table, and x stops it (files already complete are kept);
+export (e) writes a GGUF that llama.cpp runs; delete (d) removes a personalised model after a
+confirmation. Downloads, exports and deletes run in workers.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from worker threads. No UI code here.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -83,10 +82,7 @@ class ModelsService:
 
     def set_active(self, name: str) -> None:
         """Make `name` the model chat uses (written to the user's config)."""
-        from training.model_store import resolve
-
-        if resolve(name).kind == "hub":   # resolve: a one-line HearthError for what is not a model
-            raise HearthError(f"model {name} is not downloaded yet: download it first")
+        require_here(name)   # and a one-line HearthError for a name that is not a model
         self._config = set_value("chat.model", name, self._config.path)
         if self._on_active is not None:
             self._on_active(name)
@@ -113,7 +109,7 @@ class ModelsService:
                 self._downloads.append(process)
             try:
                 while process.poll() is None:
-                    on_progress(_folder_mb(blobs) if blobs.is_dir() else 0.0, float(entry.size_mb))
+                    on_progress(_folder_mb(blobs), float(entry.size_mb))
                     if cancel.wait(0.5):
                         raise HearthError(f"download of {name} stopped (files already complete are kept)")
             finally:
@@ -130,7 +126,7 @@ class ModelsService:
         """Stop the downloads in progress."""
         with self._downloads_lock:
             for process in self._downloads:
-                process.send_signal(signal.SIGINT)
+                process.terminate()
 
     def delete(self, name: str) -> None:
         """Delete a personalised model's folder. Base models are never deleted."""
@@ -178,10 +174,10 @@ def require_here(model: str) -> None:
 
 
 def _interrupt(process: subprocess.Popen) -> None:
-    """End a `hearth models pull`: SIGINT, so that huggingface_hub deletes its partial file
-    (SIGTERM would leave it in the cache for ever); SIGKILL if it has not gone in 10 s."""
+    """End a `hearth models pull`: on SIGTERM it deletes its partial file and leaves at once
+    (app/commands/models.py, `fetch`); SIGKILL if it has not gone in 10 s."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -190,4 +186,12 @@ def _interrupt(process: subprocess.Popen) -> None:
 
 
 def _folder_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+    """MB of the files under `folder` (0 if it is not there). A file may vanish while this counts
+    (a download renames its partial file when it completes): it is skipped, not an error."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            continue
+    return total / 1e6
