@@ -92,7 +92,8 @@ def test_no_pairing_worker_refuses_and_bad_addresses_fail_cleanly(tmp_path):
         refused = _run(tmp_path / "me", "pair", f"127.0.0.1:{port}", "--yes")
         assert refused.returncode == 1 and "does not accept pairing" in refused.stderr
     finally:
-        worker.stop(signal.SIGTERM)
+        code = worker.stop(signal.SIGHUP)             # its terminal closed
+    assert code == 0 and worker.lines[-1] == "Stopped; the mDNS record is withdrawn."
     nobody = _run(tmp_path / "me", "pair", f"127.0.0.1:{port}", "--yes")
     assert nobody.returncode == 2 and nobody.stderr.startswith("hearth: cannot reach a Hearth device at 127.0.0.1:")
     unknown = _run(tmp_path / "me", "unpair", "nobody")

@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def say(text: str) -> None:
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except OSError:      # the terminal has gone (hung up): the worker carries on, or stops, quietly
+            pass
 
     def prompt_loop() -> None:
         # One prompt at a time; each waits for a line until its request expires.
@@ -90,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     budget = int(args.job_memory_mb * (1 << 20)) if args.job_memory_mb else None
     register_job_parts(service.agent, budget, local)   # pooled and federated training parts
     service.agent.responder.on_result = lambda incoming, outcome: say(f"Pairing with {incoming.peer_name}: {outcome}")
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGHUP too: a worker whose terminal closes leaves like one stopped with Ctrl-C, saying
+    # goodbye on mDNS, instead of dying where it stands (peers would wait out its record).
+    for number in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if number is not None:
+            signal.signal(number, lambda *_: stop.set())
     threading.Thread(target=prompt_loop, daemon=True).start()
     say(f"Hearth worker {service.config.name} ({service.config.kind}) on port {service.agent.port}")
     say(f"Device id: {service.device_id}")
