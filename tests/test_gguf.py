@@ -160,3 +160,42 @@ def test_quantised_load_holds_one_float32_layer_at_a_time(stories_gguf: Path, mo
     for name, value in whole.state_dict().items():
         if value.dtype.is_floating_point and "layers" not in name:
             assert torch.equal(quantised.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("model", ["stories", "smollm2"])
+def test_tokenizer_comes_back_from_the_cache_the_same(model, stories_gguf: Path, shared_dir: Path,
+                                                      hearth_home: Path, monkeypatch: pytest.MonkeyPatch):
+    """Built once per file (SmolLM2's took 5.4 s every load), then read back from the cache:
+    the same ids, chat prompt, special tokens and text; a damaged entry is built again."""
+    from gguf import GGUFReader
+
+    import training.gguf_model as gguf_model
+    from training.model_store import resolve
+
+    path = stories_gguf if model == "stories" else resolve("smollm2-135m").path
+    reader = GGUFReader(str(path))
+    built = gguf_model.cached_tokenizer(path, reader)
+    [entry] = (hearth_home / "cache" / "tokenizers").iterdir()
+    assert (entry / "tokenizer.json").is_file()
+
+    builds = []
+    original = gguf_model._build_tokenizer
+    monkeypatch.setattr(gguf_model, "_build_tokenizer", lambda *args: builds.append(args) or built)
+    cached = gguf_model.cached_tokenizer(path, reader)
+    assert not builds and cached is not built                     # read back, not built again
+    texts = sample_texts(shared_dir) + ["<|im_start|>user\nhi<|im_end|>", "<s> a </s>"]
+    for text in texts:
+        assert cached(text)["input_ids"] == built(text)["input_ids"], text
+        assert cached.decode(built(text)["input_ids"]) == built.decode(built(text)["input_ids"])
+    assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id, cached.unk_token_id) == (
+        built.bos_token_id, built.eos_token_id, built.pad_token_id, built.unk_token_id)
+    if built.chat_template:
+        chat = [{"role": "user", "content": "Where is the key?"}]
+        assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+            built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    monkeypatch.setattr(gguf_model, "_build_tokenizer", original)
+    (entry / "tokenizer.json").write_text("{not json")
+    again = gguf_model.cached_tokenizer(path, reader)
+    assert again(texts[0])["input_ids"] == built(texts[0])["input_ids"]
+    assert json.loads((entry / "tokenizer.json").read_text())      # rebuilt whole

@@ -52,13 +52,61 @@ def load_gguf_model(path: Path, torch_dtype: Any, on_layer: Callable[[Any], Any]
         return _load_with_transformers(path, torch_dtype)
     # The tokenizer first: transformers' GGUF tokenizer reading holds ~150 MB for a moment
     # (SmolLM2), which then does not add to the weights' peak.
-    if _field(reader, "tokenizer.ggml.model") == "llama":
-        tokenizer = read_llama_tokenizer(reader)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = cached_tokenizer(path, reader)
     return read_llama_model(reader, torch_dtype, on_layer), tokenizer
+
+
+def cached_tokenizer(path: Path, reader: Any) -> Any:
+    """The file's tokenizer, read back from Hearth's cache when it was built before.
+
+    Building it is slow: transformers converts SmolLM2's 49,152 tokens and 48,900 merges in about
+    5 s, which every chat with a personalised model and every training job paid; reading the
+    saved one takes about 1 s in a fresh process (docs/models.md). The entry is keyed by the
+    file's path, size and modification time, so a changed file gets a new one; a damaged entry
+    is built again."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from core.paths import hearth_paths
+
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    folder = hearth_paths().cache_dir / "tokenizers" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except Exception:  # noqa: BLE001 - a damaged entry: build it again below
+            pass
+    tokenizer = _build_tokenizer(path, reader)
+    _save_tokenizer(tokenizer, folder)
+    return tokenizer
+
+
+def _build_tokenizer(path: Path, reader: Any) -> Any:
+    if _field(reader, "tokenizer.ggml.model") == "llama":
+        return read_llama_tokenizer(reader)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Written beside `folder` and renamed into place: a reader never sees half an entry. A cache
+    that cannot be written only costs the next load its seconds."""
+    import os
+    import shutil
+
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.part")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(folder, ignore_errors=True)      # a damaged entry, or one just written
+        os.rename(staging, folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def is_plain_llama(reader: Any) -> bool:
