@@ -46,11 +46,37 @@ def test_pac_learns_the_household_facts(smollm2, questions, recall_before, heart
 
     spec = JobSpec(name="household-pac", data=str(HOUSEHOLD / "train.jsonl"), method="pac", epochs=25,
                    batch_size=4)
-    result = train(spec, backbone=smollm2, save=False)
+    result = train(spec, backbone=smollm2)
     after = fact_recall(PersonalLM(smollm2.model, smollm2.tokenizer, result.module), questions).hits
     print(f"household recall, PAC: before {recall_before}/20, after {after}/20, train {result.wall_s:.1f} s")
     assert recall_before <= 2
     assert after >= 11 and after >= recall_before + 9
+
+    # Chat serves the saved model; in bfloat16 where the processor has it (this one does, per
+    # /proc/cpuinfo), and it must know the facts as well as the float32 evaluation above.
+    from training.engines import open_engine
+    from training.torch_engine import native_bf16
+
+    engine = open_engine("household-pac", threads=2)
+    dtype = next(engine.lm.model.parameters()).dtype
+    assert dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    chat = fact_recall(engine.lm, questions).hits
+    print(f"household recall in chat ({dtype}): {chat}/20")
+    assert chat >= after - 2
+    engine.close()
+
+
+def test_native_bf16_reads_the_processor_flags(tmp_path):
+    from training.torch_engine import native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")   # emulated only
+    assert not native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: amx_tile amx_bf16\n")
+    assert native_bf16(cpuinfo)
+    assert not native_bf16(tmp_path / "missing")                                       # not Linux
 
 
 @pytest.mark.slow
