@@ -199,3 +199,30 @@ def test_tokenizer_comes_back_from_the_cache_the_same(model, stories_gguf: Path,
     again = gguf_model.cached_tokenizer(path, reader)
     assert again(texts[0])["input_ids"] == built(texts[0])["input_ids"]
     assert json.loads((entry / "tokenizer.json").read_text())      # rebuilt whole
+
+
+def test_gguf_file_reads_what_the_gguf_package_reads(stories_gguf: Path):
+    """training/gguf_file.py against the `gguf` package's GGUFReader on both real files: every
+    metadata value and every tensor (name, type, shape, sizes, bytes) the same."""
+    from gguf import GGUFReader
+
+    from training.gguf_file import GGUFFile
+    from training.model_store import resolve
+
+    for path in (stories_gguf, resolve("smollm2-135m").path):
+        theirs, ours = GGUFReader(str(path)), GGUFFile(path)
+        header = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}   # GGUFReader's own extras
+        assert set(theirs.fields) - header == set(ours.fields)
+        for key, field in ours.fields.items():
+            expected, got = theirs.fields[key].contents(), field.contents()
+            assert type(got) is type(expected), key
+            if isinstance(expected, float) or (isinstance(expected, list) and expected and isinstance(expected[0], float)):
+                np.testing.assert_array_equal(np.array(got), np.array(expected), err_msg=key)
+            else:
+                assert got == expected, key
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for mine, reference in zip(ours.tensors, theirs.tensors):
+            assert (mine.tensor_type, list(mine.shape), mine.n_elements, mine.n_bytes) == \
+                (reference.tensor_type, list(reference.shape), reference.n_elements, reference.n_bytes)
+            assert mine.data.dtype == reference.data.dtype and mine.data.shape == reference.data.shape
+            assert np.array_equal(mine.data, reference.data), mine.name

@@ -1,8 +1,9 @@
 """GGUF files into transformers models (weights dequantised), for training and the torch engine.
 
-Plain Llama-architecture files (stories260K, SmolLM2, Llama 2, TinyLlama) are read here: the
-weights with the `gguf` package into a `LlamaForCausalLM` (about three times faster than
-transformers' conversion on SmolLM2-135M, same logits). Their tokenizer:
+Plain Llama-architecture files (stories260K, SmolLM2, Llama 2, TinyLlama) are read here (the file
+with training/gguf_file.py, the weights dequantised by the `gguf` package) into a
+`LlamaForCausalLM`: about three times faster than transformers' conversion on SmolLM2-135M, same
+logits. Their tokenizer:
 - a SentencePiece-style vocabulary (`tokenizer.ggml.model = "llama"`) is built here from the file's
   own `tokenizer.ggml.*` fields with the `tokenizers` library; transformers' conversion fails on
   some of these (stories260K: an IndexError, and a pad id of 4294967295);
@@ -45,9 +46,9 @@ _TOP_TENSORS = {
 def load_gguf_model(path: Path, torch_dtype: Any, on_layer: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """A transformers causal LM (eval mode not set) and its tokenizer from a GGUF file.
     `on_layer` sees each decoder layer as it is filled, where this module reads the file itself."""
-    from gguf import GGUFReader
+    from training.gguf_file import GGUFFile
 
-    reader = GGUFReader(str(path))
+    reader = GGUFFile(path)   # load_torch has checked the file (model_store.check_gguf)
     if not is_plain_llama(reader):
         return _load_with_transformers(path, torch_dtype)
     # The tokenizer first: transformers' GGUF tokenizer reading holds ~150 MB for a moment
