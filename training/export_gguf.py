@@ -88,9 +88,9 @@ def tokenizer_pre_name(ref: Any, depth: int = 0) -> str:
     from training.model_store import resolve
 
     if ref.kind == "gguf" and ref.path is not None:
-        from gguf import GGUFReader
+        from training.gguf_file import GGUFFile
 
-        field = GGUFReader(str(ref.path)).fields.get("tokenizer.ggml.pre")
+        field = GGUFFile(ref.path).fields.get("tokenizer.ggml.pre")
         return str(field.contents()) if field is not None else "default"
     if ref.personal is not None and ref.personal.base and depth < 4:
         try:
