@@ -88,7 +88,7 @@ class GGUFFile:
                 values.append(bytes(self._data[pos + 8:pos + 8 + length]).decode("utf-8"))
                 pos += 8 + length
             return values
-        item = np.dtype(_SCALARS[item_kind].replace("?", "b1"))
+        item = np.dtype(_SCALARS[item_kind])          # struct and numpy read these codes alike
         return np.frombuffer(self._data, dtype=item, count=count, offset=offset).tolist()
 
     # --- reading the header, in order -------------------------------------------------------
