@@ -332,8 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
             yield from self.server_ref.engine.stream(request.messages, request.settings, cancel)
 
     def _count(self, text: str) -> int:
-        count = getattr(self.server_ref.engine, "count_tokens", None)
-        return int(count(text)) if count else len(text.split())
+        return int(self.server_ref.engine.count_tokens(text))
 
     def _complete(self, request: ChatRequest, cancel: threading.Event) -> None:
         pieces = self._pieces(request, cancel)
@@ -343,8 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(ApiError(500, str(exc), kind="server_error"))
             return
         completion_tokens = self._count(text)
-        render = getattr(self.server_ref.engine, "prompt_tokens", None)
-        prompt_tokens = len(render(request.messages)) if render else sum(self._count(m.content) for m in request.messages)
+        prompt_tokens = len(self.server_ref.engine.prompt_tokens(request.messages))
         finish = "length" if completion_tokens >= request.settings.max_tokens else "stop"
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

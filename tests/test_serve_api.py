@@ -184,3 +184,27 @@ def test_stopping_mid_reply_cancels_it_and_waits_for_it_before_the_engine_closes
         engine.close()
     assert received.rstrip().endswith(b"data: [DONE]")
     assert received.count(b'"content"') < 400        # cut short, not decoded to the end
+
+
+def test_usage_counts_real_tokens_with_the_torch_engine():
+    """The torch engine (PAC and PEFT models, HF folders) once lacked the token counters, so the
+    API counted words, and the prompt without its chat template."""
+    from tests.training_helpers import tiny_llama_dir
+    from training.engines import ChatMessage, open_engine
+
+    engine = open_engine(str(tiny_llama_dir()), context_length=512, threads=2)
+    assert type(engine).__name__ == "TorchEngine"
+    srv = ChatServer(engine, ApiSettings(TOKEN, "tiny", 0, SamplingSettings(temperature=0.0, max_tokens=6)))
+    srv.start()
+    try:
+        messages = [{"role": "user", "content": "Tell me about the garden, please."}]
+        status, body = _raw(srv, "POST", "/v1/chat/completions", json.dumps(
+            {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0}).encode())
+    finally:
+        srv.stop()
+    assert status == 200, body
+    reply = body["choices"][0]["message"]["content"]
+    prompt = engine.prompt_tokens([ChatMessage("user", messages[0]["content"])])
+    assert body["usage"]["prompt_tokens"] == len(prompt) > engine.count_tokens(messages[0]["content"])
+    assert body["usage"]["completion_tokens"] == engine.count_tokens(reply) > 0
+    engine.close()

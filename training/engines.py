@@ -52,6 +52,14 @@ class ChatEngine(Protocol):
         """Yield the reply piece by piece; stop early when `cancel` is set."""
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone (a reply's length, for usage figures and max_tokens)."""
+        ...
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        """The conversation as the model reads it: chat template up to the assistant's turn."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -179,6 +179,12 @@ class TorchEngine:
             torch.set_num_threads(threads)
         self.lm, self.name, self.context_length = lm, name, context_length
 
+    def count_tokens(self, text: str) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        return self.lm.prompt_ids(messages)
+
     def fit_context(self, messages: list[ChatMessage], max_tokens: int) -> list[int]:
         """Drop the oldest turns (never the system prompt or the last message) until it fits."""
         kept = list(messages)
