@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from core.errors import HearthError
-from training.engines import ChatEngine, ChatMessage, SamplingSettings
+from training.engines import ChatEngine, ChatMessage, ReplyEnd, SamplingSettings
 
 HOST = "127.0.0.1"           # never another interface: the API is for this computer only
 MAX_BODY_BYTES = 1 << 20     # a chat request is text; 1 MiB is far more than a context window
@@ -325,17 +325,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- generation ----------------------------------------------------------------------------
 
-    def _pieces(self, request: ChatRequest, cancel: threading.Event):
+    def _pieces(self, request: ChatRequest, cancel: threading.Event, end: ReplyEnd):
         with self.server_ref.generate_lock:
             if cancel.is_set():   # the server stopped while this reply waited for its turn
                 return
-            yield from self.server_ref.engine.stream(request.messages, request.settings, cancel)
+            yield from self.server_ref.engine.stream(request.messages, request.settings, cancel, end)
 
     def _count(self, text: str) -> int:
         return int(self.server_ref.engine.count_tokens(text))
 
     def _complete(self, request: ChatRequest, cancel: threading.Event) -> None:
-        pieces = self._pieces(request, cancel)
+        end = ReplyEnd()
+        pieces = self._pieces(request, cancel, end)
         try:
             text = "".join(pieces)
         except HearthError as exc:
@@ -343,13 +344,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         completion_tokens = self._count(text)
         prompt_tokens = len(self.server_ref.engine.prompt_tokens(request.messages))
-        finish = "length" if completion_tokens >= request.settings.max_tokens else "stop"
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": end.finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         })
@@ -369,17 +369,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")   # the end of the stream is the end of the body
         self.end_headers()
         self.close_connection = True
-        produced: list[str] = []
-        pieces = self._pieces(request, cancel)
+        end = ReplyEnd()
+        pieces = self._pieces(request, cancel, end)
         try:
             self.wfile.write(event({"role": "assistant", "content": ""}))
             self.wfile.flush()
             for piece in pieces:
-                produced.append(piece)
                 self.wfile.write(event({"content": piece}))
                 self.wfile.flush()
-            finish = "length" if self._count("".join(produced)) >= request.settings.max_tokens else "stop"
-            self.wfile.write(event({}, finish))
+            self.wfile.write(event({}, end.finish))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):

@@ -120,6 +120,7 @@ def test_malformed_requests_get_4xx_with_a_reason_and_the_server_keeps_serving(s
     got, payload = _raw(server, "POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}).encode())
     assert got == 200 and payload["choices"][0]["message"]["content"]
+    assert payload["choices"][0]["finish_reason"] == "length"      # cut at 4 tokens, and says so
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_the_server(server):
@@ -188,7 +189,8 @@ def test_stopping_mid_reply_cancels_it_and_waits_for_it_before_the_engine_closes
 
 def test_usage_counts_real_tokens_with_the_torch_engine():
     """The torch engine (PAC and PEFT models, HF folders) once lacked the token counters, so the
-    API counted words, and the prompt without its chat template."""
+    API counted words, and the prompt without its chat template; and "length" was guessed by
+    counting the reply's text again, which can tokenise shorter than what was generated."""
     from tests.training_helpers import tiny_llama_dir
     from training.engines import ChatMessage, open_engine
 
@@ -207,4 +209,7 @@ def test_usage_counts_real_tokens_with_the_torch_engine():
     prompt = engine.prompt_tokens([ChatMessage("user", messages[0]["content"])])
     assert body["usage"]["prompt_tokens"] == len(prompt) > engine.count_tokens(messages[0]["content"])
     assert body["usage"]["completion_tokens"] == engine.count_tokens(reply) > 0
+    # Random weights run on past 6 tokens: the reply is cut, and says so (its text, a run of new
+    # lines, tokenises shorter: the old guess said "stop").
+    assert body["choices"][0]["finish_reason"] == "length"
     engine.close()

@@ -39,6 +39,14 @@ class SamplingSettings:
         )
 
 
+@dataclass
+class ReplyEnd:
+    """How a streamed reply ended, filled in by the engine when the stream ends: "stop" (a stop
+    token or string, or cancelled) or "length" (cut at max_tokens or by the context window).
+    Counting the reply's text again cannot tell: its tokens may merge differently."""
+    finish: str = "stop"
+
+
 class ChatEngine(Protocol):
     name: str
     context_length: int
@@ -48,8 +56,9 @@ class ChatEngine(Protocol):
         messages: list[ChatMessage],
         settings: SamplingSettings,
         cancel: threading.Event | None = None,
+        end: ReplyEnd | None = None,
     ) -> Iterator[str]:
-        """Yield the reply piece by piece; stop early when `cancel` is set."""
+        """Yield the reply piece by piece; stop early when `cancel` is set; say in `end` why it ended."""
         ...
 
     def count_tokens(self, text: str) -> int:
@@ -118,7 +127,7 @@ class LlamaCppEngine:
         """
         return fit_messages(self.prompt_tokens, self.count_tokens, messages, self.context_length - max_tokens)
 
-    def stream(self, messages, settings, cancel=None):
+    def stream(self, messages, settings, cancel=None, end=None):
         max_tokens = reply_budget(settings.max_tokens, self.context_length)
         prompt = self.fit_context(messages, max_tokens)
         max_tokens = min(settings.max_tokens, self.context_length - len(prompt))
@@ -138,7 +147,10 @@ class LlamaCppEngine:
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
                     break
-                piece = chunk["choices"][0].get("text")
+                choice = chunk["choices"][0]
+                if end is not None and choice.get("finish_reason"):
+                    end.finish = "length" if choice["finish_reason"] == "length" else "stop"
+                piece = choice.get("text")
                 if piece:
                     yield piece
         finally:

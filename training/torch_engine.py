@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from core.errors import HearthError
-from training.engines import ChatMessage, SamplingSettings
+from training.engines import ChatMessage, ReplyEnd, SamplingSettings
 
 REPEAT_WINDOW = 64  # tokens the repeat penalty looks back over (as llama.cpp does by default)
 
@@ -196,7 +196,7 @@ class TorchEngine:
             del kept[droppable[0]]
 
     def stream(self, messages: list[ChatMessage], settings: SamplingSettings,
-               cancel: threading.Event | None = None) -> Iterator[str]:
+               cancel: threading.Event | None = None, end: ReplyEnd | None = None) -> Iterator[str]:
         max_tokens = min(settings.max_tokens, self.context_length // 2)
         prompt = self.fit_context(messages, max_tokens)
         capped = SamplingSettings(settings.temperature, settings.top_p, settings.repeat_penalty, max_tokens,
@@ -217,6 +217,8 @@ class TorchEngine:
             if len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
+        if end is not None and len(tokens) >= max_tokens:
+            end.finish = "length"
 
     def close(self) -> None:
         self.lm = None  # type: ignore[assignment]
