@@ -107,3 +107,22 @@ def test_fit_messages_cuts_the_start_of_an_overlong_last_message():
     kept = fit_messages(_words, lambda t: len(t.split()), messages, budget=20)
     assert 0 < len(kept) <= 20
     assert kept[-1] == "w99"          # the end of what the user said is kept
+
+
+def test_the_torch_engine_forgets_a_long_chat_the_same_way():
+    """The torch engine (PAC and PEFT models) fits a long chat with the shared `fit_messages`:
+    system prompt kept, newest turns kept, oldest gone, within the window."""
+    from tests.training_helpers import tiny_llama_dir
+    from training.engines import open_engine
+
+    torch_engine = open_engine(str(tiny_llama_dir()), context_length=512, threads=2)
+    messages = long_chat(80)
+    prompt = torch_engine.fit_context(messages, 128)
+    assert 0 < len(prompt) <= torch_engine.context_length - 128
+    text = torch_engine.lm.tokenizer.decode(prompt)
+    assert "You are Hearth" in text.split("<|im_start|>user")[0]          # the system prompt stays
+    assert "capital of France" in text and "fact number 79" in text
+    assert "fact number 0 " not in text
+    huge = [ChatMessage("system", "Be brief."), ChatMessage("user", "tell me about the sea " * 2000)]
+    assert 0 < len(torch_engine.fit_context(huge, 64)) <= torch_engine.context_length - 64
+    torch_engine.close()

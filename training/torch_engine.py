@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from core.errors import HearthError
-from training.engines import ChatMessage, ReplyEnd, SamplingSettings
+from training.engines import ChatMessage, ReplyEnd, SamplingSettings, fit_messages, reply_budget
 
 REPEAT_WINDOW = 64  # tokens the repeat penalty looks back over (as llama.cpp does by default)
 
@@ -141,9 +141,9 @@ def open_personal_lm(folder: Path, manifest: Any) -> PersonalLM:
     """Load a personalised model folder (format "pac" or "peft") on its base, for chat.
 
     A PAC model's float32 backbone runs in bfloat16 where the processor computes it natively
-    (AVX512-BF16 or AMX): decoding reads half the bytes per token. On SmolLM2 with the household
-    model: 13 -> 18 tokens/s, household recall 16/20 against float32's 15/20 (2026-12-04,
-    docs/serving.md). Elsewhere bfloat16 would be emulated, slower than float32, so it stays."""
+    (AVX512-BF16 or AMX): decoding reads half the bytes per token, about 1.5x faster with the same
+    household recall (`hearth bench training --methods pac_cache`, docs/serving.md). Elsewhere
+    bfloat16 would be emulated, slower than float32, so the backbone stays float32."""
     from training.trainer import load_backbone, load_side_chain
 
     quant = str(manifest.details.get("quant", "none")) if manifest.details else "none"
@@ -186,18 +186,13 @@ class TorchEngine:
         return self.lm.prompt_ids(messages)
 
     def fit_context(self, messages: list[ChatMessage], max_tokens: int) -> list[int]:
-        """Drop the oldest turns (never the system prompt or the last message) until it fits."""
-        kept = list(messages)
-        while True:
-            ids = self.lm.prompt_ids(kept)
-            droppable = [i for i, m in enumerate(kept[:-1]) if m.role != "system"]
-            if len(ids) + max_tokens <= self.context_length or not droppable:
-                return ids[-(self.context_length - max_tokens):]
-            del kept[droppable[0]]
+        """The newest turns that fit with room for `max_tokens`, forgotten as llama.cpp's engine
+        forgets them (`engines.fit_messages`)."""
+        return fit_messages(self.prompt_tokens, self.count_tokens, messages, self.context_length - max_tokens)
 
     def stream(self, messages: list[ChatMessage], settings: SamplingSettings,
                cancel: threading.Event | None = None, end: ReplyEnd | None = None) -> Iterator[str]:
-        max_tokens = min(settings.max_tokens, self.context_length // 2)
+        max_tokens = reply_budget(settings.max_tokens, self.context_length)
         prompt = self.fit_context(messages, max_tokens)
         capped = SamplingSettings(settings.temperature, settings.top_p, settings.repeat_penalty, max_tokens,
                                   settings.seed, list(settings.stop))

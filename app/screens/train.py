@@ -32,8 +32,8 @@ REPAINT_S = 0.1
 class TrainScreen(Screen):
     CSS_PATH = "../styles/train.tcss"
     BINDINGS = [
-        # priority: the form's inputs would otherwise take Ctrl-X (cut). Ctrl-U stays the inputs' "delete
-        # to the start": taken for Resume, that reflex started a job.
+        # priority: the form's inputs would otherwise take Ctrl-X (cut). Ctrl-U stays the
+        # inputs' "delete to the start": taken for Resume, that reflex started a job.
         Binding("ctrl+g", "start", "Start", id="start", priority=True),
         Binding("ctrl+x", "cancel", "Cancel job", id="cancel", priority=True),
         Binding("ctrl+r", "resume", "Resume", id="resume", priority=True),

@@ -26,7 +26,7 @@ class Services:
 
     def close(self) -> None:
         self.train.stop_all()    # each job stops at its next step and keeps its checkpoint
-        self.models.close()      # a download stops; the next one resumes it
+        self.models.close()      # a download stops; its finished files stay in the cache
         self.chat.close()
         self.devices.stop()
 
