@@ -72,6 +72,10 @@ def test_bench_training_runs_each_method_side_by_side(tmp_path):
         assert method["peak_rss_process_mb"] == max(method["peak_rss_load_mb"], method["peak_rss_train_mb"])
         assert len(method["epoch_s"]) == 3
     assert _positive(report["speedup_vs_lora"])
+    pac = report["methods"]["pac_cache"]
+    assert _positive(pac["chat_decode_tokens_per_s_float32"])
+    if pac["chat_bf16_native"]:                      # this machine: /proc/cpuinfo has avx512_bf16
+        assert _positive(pac["chat_bf16_speedup"]) and "household_recall_after_bfloat16" in pac
 
 
 def test_bench_transport_compares_tls_with_tcp_and_averaging_with_gloo(tmp_path):

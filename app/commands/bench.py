@@ -12,7 +12,7 @@ import json
 
 # name -> (module, one-line description). Add a line when a benchmark really runs.
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "training": ("training.bench_training", "PAC (cache, no cache, NF4) vs PEFT LoRA vs full fine-tuning: time, memory, accuracy"),
+    "training": ("training.bench_training", "PAC (cache, no cache, NF4) vs PEFT LoRA vs full fine-tuning: time, memory, accuracy; PAC chat speed, float32 vs bfloat16"),
     "federated": ("training.bench_federated", "FedSpine vs HetLoRA / uniform pruning / random on a simulated fleet"),
     "serving": ("training.bench_serving", "llama.cpp decode: unpruned vs pruned 30%/50% vs transformers, against the bandwidth bound"),
     "pruning": ("training.bench_pruning", "perplexity before pruning, after pruning 30% and after LoRA recovery"),
