@@ -32,6 +32,11 @@ class HearthPaths:
         return self.data_dir / "trusted"
 
     @property
+    def device_lock(self) -> Path:
+        """Held by the one process that is this device on the mesh: the app or `hearth worker`."""
+        return self.data_dir / "device.lock"
+
+    @property
     def history_db(self) -> Path:
         return self.data_dir / "history.sqlite3"
 
@@ -48,6 +53,10 @@ class HearthPaths:
     def jobs_dir(self) -> Path:
         """Training jobs in progress: checkpoints and progress logs."""
         return self.data_dir / "jobs"
+
+    def job_lock(self, name: str) -> Path:
+        """Held while job `name` trains (beside its folder, which a fresh start deletes)."""
+        return self.jobs_dir / f"{name}.lock"
 
     @property
     def teach_file(self) -> Path:

@@ -109,3 +109,30 @@ def test_ctrl_c_stops_the_answer_not_the_program(tmp_path: Path):
         assert term.exit_code() == 0
     finally:
         term.close()
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_keeps_the_answer_said_so_far(tmp_path: Path, monkeypatch):
+    # The terminal window closes mid-answer: the kernel sends SIGHUP (this program leads the
+    # terminal's session) and every later write fails. What was said stays in the history.
+    term = Terminal([sys.executable, "-m", "app", "chat", "--seed", "2", "--max-tokens", "400"], env_for(tmp_path))
+    try:
+        term.wait_for(lambda s: "you> " in s)
+        term.type("Tell me a very long story about a dragon who learns to bake bread.\r")
+        screen = term.wait_for(lambda s: len(s.split("hearth> ", 1)[-1]) > 60 if "hearth> " in s else False)
+        os.close(term.fd)
+        term.fd = os.open(os.devnull, os.O_RDONLY)   # for close()
+        assert term.exit_code() == 128 + signal.SIGHUP
+    finally:
+        term.close()
+    shown = " ".join(screen.split("hearth> ", 1)[1].split())
+
+    from serving.history import History
+
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path))
+    [conversation] = History().conversations()
+    messages = [(m.role, m.content) for m in History().messages(conversation.id)]
+    assert messages[0] == ("user", "Tell me a very long story about a dragon who learns to bake bread.")
+    [(role, kept)] = messages[1:]
+    assert role == "assistant" and " ".join(kept.split()).startswith(shown[:40])
+    assert len(kept.split()) < 300   # cut short, not the whole 400-token story

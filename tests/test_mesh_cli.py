@@ -98,3 +98,28 @@ def test_no_pairing_worker_refuses_and_bad_addresses_fail_cleanly(tmp_path):
     assert nobody.returncode == 2 and nobody.stderr.startswith("hearth: cannot reach a Hearth device at 127.0.0.1:")
     unknown = _run(tmp_path / "me", "unpair", "nobody")
     assert unknown.returncode == 2 and "no device called 'nobody'" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_one_app_or_worker_per_device(tmp_path):
+    # Both would be this device on the mesh (one identity advertised twice, two trust stores
+    # and job lists drifting apart): the second is refused in one line, naming the first.
+    home = tmp_path / "home"
+    worker = _start(home, "worker", "--interface", "127.0.0.1", stderr=tmp_path / "w.err")
+    try:
+        worker.wait_for(r"on port (\d+)", 60)
+        refusal = (f"hearth: Hearth on this device ({home / 'data'}) is already in use by hearth worker "
+                   f"(pid {worker.popen.pid}): quit it first (one app or worker per device), "
+                   "or give this one its own HEARTH_HOME\n")
+        second = _run(home, "worker", "--interface", "127.0.0.1")
+        assert (second.returncode, second.stderr, second.stdout) == (2, refusal, "")
+        app = _run(home)                      # the app is refused before it takes the terminal
+        assert (app.returncode, app.stderr, app.stdout) == (2, refusal, "")
+    finally:
+        worker.stop(signal.SIGKILL)
+    # The kernel drops the lock with its holder, however it died: nothing stale to clean up.
+    again = _start(home, "worker", "--interface", "127.0.0.1", stderr=tmp_path / "again.err")
+    try:
+        again.wait_for(r"on port (\d+)", 60)
+    finally:
+        assert again.stop(signal.SIGTERM) == 0

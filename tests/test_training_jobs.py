@@ -110,3 +110,34 @@ def test_trained_models_are_listed_and_chat_streams(hearth_home):
         cancel.set()
         assert len([first, *stream]) <= 2   # stops within a token once cancelled
         engine.close()
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_training_job_is_refused_and_the_first_carries_on(tmp_path):
+    # A fresh start deletes the job's folder: a second run of the same name (from the app and
+    # the command line, or two windows) would destroy the first one's checkpoint as it trains.
+    home = tmp_path / "home"
+    first = _hearth(home, *_train_args("kitchen", "pac", 12))
+    steps = []
+    for line in first.stdout:
+        event = json.loads(line)
+        if event["phase"] == "train":
+            steps.append(event["step"])
+            if event["step"] >= 2:
+                first.send_signal(signal.SIGSTOP)   # mid-job, however fast this machine trains
+                break
+    checkpoint = home / "data" / "jobs" / "kitchen" / "checkpoint.json"
+    assert checkpoint.is_file()
+    for extra in ([], ["--resume"]):
+        second = _hearth(home, *_train_args("kitchen", "pac", 12), *extra)
+        out, err = second.communicate(timeout=120)
+        assert (second.returncode, out) == (2, "")
+        assert err == (f"hearth: training job kitchen is already in use by another training run (pid {first.pid}): "
+                       "wait for it to finish or stop it, or choose another name\n")
+        assert checkpoint.is_file()
+    first.send_signal(signal.SIGCONT)
+    rest, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    steps += [json.loads(line)["step"] for line in rest.splitlines() if json.loads(line)["phase"] == "train"]
+    assert steps == list(range(1, steps[-1] + 1)) and json.loads(rest.splitlines()[-1])["phase"] == "done"
+    assert (home / "data" / "models" / "kitchen").is_dir()

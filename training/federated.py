@@ -56,7 +56,7 @@ from training.fed_parts import (
     module_shapes, unit_layout,
 )
 from training.fedspine import DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundPlan
-from training.job import ProgressEvent
+from training.job import ProgressEvent, one_run_at_a_time
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.part_fields import LocalData
 
@@ -189,6 +189,7 @@ class _Member:
     busy: Future | None = None            # a round still running after its round closed
 
 
+@one_run_at_a_time
 def train_federated(spec: FedSpec, devices: list[FedDevice], *, local: LocalData | None = None,
                     resume: bool = False, on_event: Callable[[ProgressEvent], None] | None = None,
                     rejoin: Callable[[str], Any] | None = None, base: tuple[Any, Any] | None = None,

@@ -9,15 +9,18 @@
 - Checkpoints: one format, `checkpoint.safetensors` (trainable tensors + optimiser state) and
   `checkpoint.json` (spec, step, losses), each written atomically, the JSON last.
 - `ProgressEvent`: what the trainer reports (the CLI prints it as a bar or as JSON lines).
+- `one_run_at_a_time`: the job's lock around a runner (single-device, pooled, federated).
 
 What is not here: the loop (trainer.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import torch
 
 from core.atomic import atomic_path, atomic_write_text
 from core.errors import HearthError
+from core.locks import job_lock
 from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
 
 METHODS = ("pac", "lora", "full")
@@ -97,6 +101,17 @@ class ProgressEvent:
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, "")})
+
+
+def one_run_at_a_time(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a job runner whose first argument is its spec: the run holds `core.locks.job_lock`.
+    A fresh start deletes the job's folder, so a second run of one name (the app and `hearth
+    train`, or two windows) would destroy the first one's checkpoint under it."""
+    @functools.wraps(run)
+    def locked(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        with job_lock(spec.name):
+            return run(spec, *args, **kwargs)
+    return locked
 
 
 def steps_per_epoch(n_samples: int, batch_size: int) -> int:

@@ -64,8 +64,8 @@ from core.digest import file_sha256
 from core.errors import HearthError
 from core.paths import hearth_paths
 from training.job import (
-    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, fold, load_checkpoint, save_checkpoint,
-    scheduled_lr, steps_per_epoch, weighted, weights_digest,
+    Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, fold, load_checkpoint, one_run_at_a_time,
+    save_checkpoint, scheduled_lr, steps_per_epoch, weighted, weights_digest,
 )
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.planner import DeviceProfile, ModelSpec, Plan, make_plan
@@ -252,6 +252,7 @@ def model_spec_for(backbone: Any, chain_parameters: int, tokens: int, taps: int)
     )
 
 
+@one_run_at_a_time
 def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = False,
                  on_event: Callable[[ProgressEvent], None] | None = None,
                  on_plan: Callable[[Plan], bool | None] | None = None,

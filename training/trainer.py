@@ -36,7 +36,7 @@ from training.activation_cache import ActivationCache, CacheKey, tokenizer_finge
 from training.data import Example, collate, examples_fingerprint, read_conversations, tokenize
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, make_optimizer,
-    pac_gradients, save_checkpoint, scheduled_lr, set_learning_rate, steps_per_epoch,
+    one_run_at_a_time, pac_gradients, save_checkpoint, scheduled_lr, set_learning_rate, steps_per_epoch,
 )
 from training.model_store import MANIFEST, PersonalModel, resolve
 
@@ -101,6 +101,7 @@ def load_backbone(model: str, quant: str = "none") -> Backbone:
     return Backbone(net, tokenizer, identity)
 
 
+@one_run_at_a_time
 def train(spec: JobSpec, resume: bool = False, on_event: Callable[[ProgressEvent], None] | None = None,
           backbone: Backbone | None = None, save: bool = True, checkpoint_every_s: float = 30.0) -> TrainResult:
     """Run (or resume) one job. `backbone` may be passed in to share a loaded model."""

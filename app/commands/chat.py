@@ -3,11 +3,15 @@
 On a terminal: type a message, the answer streams; Ctrl-C stops the answer (not the program);
 Ctrl-D or /quit ends. When stdin is not a terminal, each input line is one user turn and each
 answer is printed in full on its own line, so scripts can use it; end of input ends the chat.
+A closed terminal (SIGHUP) or SIGTERM stops an answer at its next token, keeps what it had said
+in the history, and ends the program (status 129 / 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import threading
 
@@ -50,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     history = None if getattr(args, "no_history", False) else _History(model, system, settings)
     if interactive:
         print(f"Chatting with {engine.name}. Ctrl-C stops an answer, Ctrl-D quits.", file=sys.stderr)
+    signals = _Signals()
     try:
         while True:
             try:
                 line = input("you> " if interactive else "")
-            except EOFError:
+            except (EOFError, OSError):   # OSError: the terminal has gone (its SIGHUP follows)
                 break
             except KeyboardInterrupt:
                 print("", file=sys.stderr)
@@ -64,16 +69,44 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if interactive and text in ("/quit", "/exit"):
                 break
+            cancel = signals.answering = threading.Event()
             messages.append(ChatMessage("user", text))
             if history:
                 history.add("user", text)
-            reply = _answer(engine, messages, settings, interactive)
+            reply = _answer(engine, messages, settings, interactive, cancel, signals)
             messages.append(ChatMessage("assistant", reply))
             if history and reply:
                 history.add("assistant", reply, engine.name)
+            signals.answering = None
+            if signals.received:
+                break
+    except _Left:
+        pass
     finally:
         engine.close()
-    return 0
+    return 128 + signals.received if signals.received else 0
+
+
+class _Left(Exception):
+    """A signal came at the prompt: nothing in flight, the program leaves at once."""
+
+
+class _Signals:
+    """SIGHUP (the terminal closed) and SIGTERM: an answer in flight stops at its next token and
+    is recorded before the program leaves; at the prompt it leaves at once."""
+
+    def __init__(self) -> None:
+        self.received = 0                            # the first signal, once one came
+        self.answering: threading.Event | None = None  # the cancel of the answer in flight
+        for number in (signal.SIGHUP, signal.SIGTERM):
+            signal.signal(number, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+        if self.answering is not None:
+            self.answering.set()
+        else:
+            raise _Left()
 
 
 class _History:
@@ -94,23 +127,38 @@ class _History:
         self._store.add_message(self._conversation_id, role, text, model)
 
 
-def _answer(engine, messages, settings, interactive: bool) -> str:
-    cancel = threading.Event()
+def _answer(engine, messages, settings, interactive: bool, cancel: threading.Event, signals: _Signals) -> str:
+    """The reply, or what it had said when stopped (Ctrl-C, a signal, the terminal gone)."""
     pieces: list[str] = []
+
+    def show(text: str) -> None:
+        try:
+            print(text, end="", flush=True)
+        except OSError:   # the terminal has gone before its SIGHUP came: leave as if it had
+            _silence()
+            signals.received = signals.received or signal.SIGHUP
+            cancel.set()
+
     if interactive:
-        print("hearth> ", end="", flush=True)
+        show("hearth> ")
     try:
         for piece in engine.stream(messages, settings, cancel):
             pieces.append(piece)
             if interactive:
-                print(piece, end="", flush=True)
+                show(piece)
     except KeyboardInterrupt:
         cancel.set()
-        if interactive:
-            print(" [stopped]", end="")
     reply = "".join(pieces).strip()
     if interactive:
-        print(flush=True)
+        show(" [stopped]\n" if cancel.is_set() else "\n")
     else:
-        print(reply.replace("\n", " "), flush=True)
+        show(reply.replace("\n", " ") + "\n")
     return reply
+
+
+def _silence() -> None:
+    """Send what is left to print to /dev/null (a write to a closed terminal fails, at exit too)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)

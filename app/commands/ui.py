@@ -10,10 +10,14 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.hearth_app import HearthApp
-    from app.services import build_services
+    from core.locks import device_lock
 
-    services = build_services()
-    app = HearthApp(services)
-    app.run()
-    return app.return_code or 0
+    # Before anything loads: a second window on the same device is refused in a line at once.
+    with device_lock("the app"):
+        from app.hearth_app import HearthApp
+        from app.services import build_services
+
+        services = build_services()
+        app = HearthApp(services)
+        app.run()
+        return app.return_code or 0

@@ -30,6 +30,13 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.locks import device_lock
+
+    with device_lock("hearth worker"):
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import logging
     import queue
     import select
