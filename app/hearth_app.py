@@ -5,8 +5,8 @@ needs. It starts the mesh and decides whether to show the first-run guide in wor
 first frame, so it opens at once; models load lazily in the Chat screen's worker. An incoming
 pairing request pops up over whatever screen is showing.
 
-Quitting while a training job runs asks first, then waits for the job to stop at its next step
-(its checkpoint kept). A terminal that hangs up (SIGHUP, or a hang-up seen by app/terminal.py)
+Quitting while a training job or a download runs asks first, then waits for the job to stop at
+its next step (its checkpoint kept). A terminal that hangs up (SIGHUP, or a hang-up seen by app/terminal.py)
 closes the app the same way, without asking, with exit status 129.
 """
 
@@ -149,19 +149,29 @@ class HearthApp(App):
         self.exit(return_code=terminal.HUNG_UP_EXIT_STATUS)
 
     async def action_quit(self) -> None:
-        if not self.services.train.running():
+        training, downloads = self.services.train.running(), self.services.models.downloading()
+        if not training and not downloads:
             self.exit()
             return
         from app.widgets.dialogs import ConfirmDialog
 
+        said = []
+        if training:
+            said.append("A training job is running: stopped, it keeps its last checkpoint, and Resume "
+                        "on the Train screen (F3) carries it on.")
+        if downloads:
+            said.append(f"{' and '.join(downloads)} {'is' if len(downloads) == 1 else 'are'} downloading: "
+                        "stopped, the files already complete are kept, and downloading it again (g on "
+                        "Models, F4) fetches the rest.")
+
         def decided(stop: bool | None) -> None:
-            if stop:
+            if stop and training:
                 self.notify("Stopping the training job at its next step; Hearth closes then.", title="Quit")
                 self._stop_jobs_then_exit()
+            elif stop:
+                self.exit()       # closing stops the downloads (Services.close)
 
-        self.push_screen(ConfirmDialog(
-            "A training job is running. Stop it and quit? It keeps its last checkpoint: "
-            "Resume on the Train screen (F3) carries it on.", yes="Stop and quit"), decided)
+        self.push_screen(ConfirmDialog(" ".join(said) + " Stop and quit?", yes="Stop and quit"), decided)
 
     @work(thread=True, exit_on_error=False, group="quit")
     def _stop_jobs_then_exit(self) -> None:

@@ -3,6 +3,8 @@ trained for the test (LoRA on the tiny Llama: LoRA merges into the weights, so i
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from app_helpers import SIZE, make_app, run_async, settle, stories_chat, wait_until, write_config
@@ -94,16 +96,10 @@ async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
     serving a small model under SmolLM2-360M's hub id): refused as chat model before, progress
     while it comes, stopped half-way with x, downloaded again, then set active for new conversations."""
     from core.config import load_config
-    from hub_helpers import hub_env
 
     from app.screens.models import DownloadProgress
 
-    hub_mirror.repo_id = "HuggingFaceTB/SmolLM2-360M-Instruct"
-    hub_mirror.slow = 0.3                      # 23 MB at ~3 MB/s: a stop lands half-way
-    for name, value in hub_env(hub_mirror.url).items():     # the download runs in a child process
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    write_config(hearth_home, chat=stories_chat(stories_gguf, model="smollm2-135m"))
+    _slow_catalog_hub(hearth_home, stories_gguf, hub_mirror, monkeypatch)
     app = make_app()
     progress: list[str] = []
 
@@ -136,9 +132,8 @@ async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
         assert app.screen.check_action("stop_download", ()) is False   # gone from the footer
         first = hub_mirror.gets("model.safetensors")
         assert first and first[-1].bytes_sent < len(hub_mirror.files["model.safetensors"])
-        # Stopped with SIGINT, the child deleted its partial file (SIGTERM would leave it).
-        blobs = hearth_home / "cache" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct" / "blobs"
-        assert not list(blobs.glob("*.incomplete"))
+        # Stopped, the child deleted its partial file (it would stay in the cache for ever).
+        assert not list(_blobs(hearth_home).glob("*.incomplete"))
 
         hub_mirror.slow = 0.0
         _select(app, "smollm2-360m")
@@ -152,6 +147,55 @@ async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
         assert load_config().get("chat.model") == "smollm2-360m"
         # The chat service follows at once: a new conversation uses it without a restart.
         assert app.services.chat.new_conversation().model == "smollm2-360m"
+
+
+@run_async
+async def test_quitting_during_a_download_asks_then_stops_it(hearth_home, stories_gguf, hub_mirror, monkeypatch):
+    # Ctrl-Q used to close at once and throw the download away unasked.
+    _slow_catalog_hub(hearth_home, stories_gguf, hub_mirror, monkeypatch)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f4")
+        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        _select(app, "smollm2-360m")
+        await pilot.press("g")
+        await wait_until(pilot, lambda: hub_mirror.gets("model.safetensors"), 60, "the download to start")
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+        question = str(app.screen.query_one("#question").render())
+        assert question.startswith("smollm2-360m is downloading: stopped, the files already complete are kept")
+        await pilot.press("escape")                           # changed their mind: it goes on
+        await pilot.pause()
+        assert app.return_code is None and app.services.models.downloading() == ["smollm2-360m"]
+        await pilot.press("ctrl+q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+        await pilot.click("#yes")
+        await wait_until(pilot, lambda: app.return_code is not None, 30, "the app to close")
+    deadline = time.monotonic() + 30
+    while app.services.models.downloading():      # the child is stopped as the app closes
+        assert time.monotonic() < deadline, "the download is still running"
+        time.sleep(0.1)
+    sent = hub_mirror.gets("model.safetensors")[-1].bytes_sent
+    assert sent < len(hub_mirror.files["model.safetensors"])
+    assert not list(_blobs(hearth_home).glob("*.incomplete"))
+
+
+def _slow_catalog_hub(hearth_home, stories_gguf, hub_mirror, monkeypatch) -> None:
+    """A hub on loopback (tests/hub_helpers.py) serving a small model under SmolLM2-360M's id,
+    slowly enough that a stop lands half-way (23 MB at ~3 MB/s); chat keeps the bundled model."""
+    from hub_helpers import hub_env
+
+    hub_mirror.repo_id = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    hub_mirror.slow = 0.3
+    for name, value in hub_env(hub_mirror.url).items():     # the download runs in a child process
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    write_config(hearth_home, chat=stories_chat(stories_gguf, model="smollm2-135m"))
+
+
+def _blobs(hearth_home):
+    return hearth_home / "cache" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct" / "blobs"
 
 
 @run_async

@@ -42,7 +42,7 @@ class ModelsService:
         """`on_active(name)` is told when the active model changes (the chat service's default)."""
         self._config = config
         self._on_active = on_active
-        self._downloads: list[subprocess.Popen] = []
+        self._downloads: list[tuple[str, subprocess.Popen]] = []   # (model, its `hearth models pull`)
         self._downloads_lock = threading.Lock()
 
     @property
@@ -106,7 +106,7 @@ class ModelsService:
             process = subprocess.Popen([sys.executable, "-m", "app", "models", "pull", entry.hub_id],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
             with self._downloads_lock:
-                self._downloads.append(process)
+                self._downloads.append((name, process))
             try:
                 while process.poll() is None:
                     on_progress(_folder_mb(blobs), float(entry.size_mb))
@@ -114,7 +114,7 @@ class ModelsService:
                         raise HearthError(f"download of {name} stopped (files already complete are kept)")
             finally:
                 with self._downloads_lock:
-                    self._downloads.remove(process)
+                    self._downloads.remove((name, process))
                 _interrupt(process)
             if process.returncode != 0:
                 errors.seek(0)
@@ -122,10 +122,15 @@ class ModelsService:
                 reason = said[-1].removeprefix("hearth: ") if said else f"exit status {process.returncode}"
                 raise HearthError(f"download of {name} failed: {reason}")
 
+    def downloading(self) -> list[str]:
+        """The models being downloaded now (quitting asks first)."""
+        with self._downloads_lock:
+            return [name for name, _ in self._downloads]
+
     def close(self) -> None:
         """Stop the downloads in progress."""
         with self._downloads_lock:
-            for process in self._downloads:
+            for _, process in self._downloads:
                 process.terminate()
 
     def delete(self, name: str) -> None:

@@ -28,7 +28,7 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(self._question)
+            yield Static(self._question, id="question")
             with Horizontal():
                 yield Button("Cancel", id="no")
                 yield Button(self._yes, id="yes", variant="error")
