@@ -22,6 +22,12 @@ def _train_tiny(name: str, method: str = "lora") -> None:
                              lambda status: None)
 
 
+async def _open_models(pilot, app) -> None:
+    await settle(pilot, app)
+    await pilot.press("f4")
+    await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+
+
 def _select(app, name: str) -> None:
     table = app.screen.query_one("#model-table")
     table.move_cursor(row=[m.name for m in app.screen.rows].index(name))
@@ -37,9 +43,7 @@ async def test_models_screen_sets_active_exports_and_deletes(hearth_home, storie
     _train_tiny("tiny-notes")
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
-        await pilot.press("f4")
-        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        await _open_models(pilot, app)
         rows = {m.name: m for m in app.screen.rows}
         assert rows["smollm2-135m"].active and rows["smollm2-135m"].available and rows["smollm2-135m"].has_gguf
         tiny = rows["tiny-notes"]
@@ -79,9 +83,7 @@ async def test_base_models_cannot_be_deleted(hearth_home, stories_gguf):
     write_config(hearth_home, chat=stories_chat(stories_gguf))
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
-        await pilot.press("f4")
-        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        await _open_models(pilot, app)
         _select(app, "smollm2-135m")
         await pilot.press("d")
         await pilot.pause()
@@ -114,9 +116,7 @@ async def test_a_catalog_model_is_downloaded_stopped_fetched_and_chat_uses_it(
         return str(app.screen.query_one("#models-status").render())
 
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
-        await settle(pilot, app)
-        await pilot.press("f4")
-        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        await _open_models(pilot, app)
         assert not row("smollm2-360m").available
         _select(app, "smollm2-360m")
         await pilot.press("a")                 # not here yet: chat keeps its model
@@ -155,9 +155,7 @@ async def test_quitting_during_a_download_asks_then_stops_it(hearth_home, storie
     _slow_catalog_hub(hearth_home, stories_gguf, hub_mirror, monkeypatch)
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
-        await pilot.press("f4")
-        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        await _open_models(pilot, app)
         _select(app, "smollm2-360m")
         await pilot.press("g")
         await wait_until(pilot, lambda: hub_mirror.gets("model.safetensors"), 60, "the download to start")
@@ -206,9 +204,7 @@ async def test_a_pac_model_says_it_cannot_be_exported_instead_of_trying(hearth_h
     _train_tiny("tiny-pac", method="pac")
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
-        await pilot.press("f4")
-        await wait_until(pilot, lambda: getattr(app.screen, "rows", None), 30, "the model list")
+        await _open_models(pilot, app)
         _select(app, "tiny-pac")
         await pilot.pause()
         details = str(app.screen.query_one("#model-details").render())
