@@ -77,7 +77,10 @@ def test_train_plan_is_checked_and_the_data_statement_is_plain(hearth_home, tmp_
     assert "stays on this device (living-room)" in where_data_goes(plan, "living-room")
     assert "kitchen" in where_data_goes(TrainPlan("f", str(data), "m", devices=["living-room", "kitchen"]),
                                         "living-room")
-    for bad, field in ((TrainPlan("a b", str(data), "m"), "name"), (TrainPlan("f", "", "m"), "data"),
+    for bad, field in ((TrainPlan("a b", str(data), "m"), "name"), (TrainPlan("", str(data), "m"), "name"),
+                       # a catalog name would hide the trained model behind the catalog's for ever
+                       (TrainPlan("smollm2-360m", str(data), "m"), "name 'smollm2-360m' is a catalog model's name"),
+                       (TrainPlan("f", "", "m"), "data"),
                        (TrainPlan("f", str(data), "m", epochs=0), "epochs"),
                        (TrainPlan("f", str(tmp_path / "nope.jsonl"), "m"), "nope.jsonl")):
         with pytest.raises(HearthError, match=field):

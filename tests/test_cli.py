@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app import __version__
 from app.cli import COMMAND_MODULES
 from training.catalog import DEFAULT_MODEL, load_catalog
@@ -102,3 +104,14 @@ def test_resume_of_a_job_that_never_ran_is_refused_by_name(tmp_path: Path):
     done = hearth("train", "--data", "notes.jsonl", "--out", "typo-name", "--resume", home=tmp_path)
     assert done.returncode != 0
     assert "no interrupted job named typo-name" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, said", [
+    # resolve() finds the catalog entry first: the trained model could never be chatted with
+    ("smollm2-135m", "--out 'smollm2-135m' is a catalog model's name: choose another"),
+    ("../kitchen", "--out '../kitchen': a model name may hold letters, digits, '.', '_' and '-' only"),
+])
+@pytest.mark.parametrize("command", [["train", "--data", "notes.jsonl"], ["prune", "smollm2-135m", "--ratio", "0.3"]])
+def test_a_new_model_name_is_checked_before_any_work(tmp_path: Path, command, name, said):
+    done = hearth(*command, "--out", name, home=tmp_path)
+    assert (done.returncode, done.stderr) == (2, f"hearth: {said}\n")

@@ -85,6 +85,15 @@ def personal_models() -> list[PersonalModel]:
     return found
 
 
+def check_model_name(name: str, field: str = "--out") -> None:
+    """A name for a new personalised model, checked before any work: `resolve` must find it later
+    (a catalog model's name would hide it for ever) and it must be a plain folder name."""
+    if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+        raise HearthError(f"{field} {name!r}: a model name may hold letters, digits, '.', '_' and '-' only")
+    if find_entry(name) is not None:
+        raise HearthError(f"{field} {name!r} is a catalog model's name: choose another")
+
+
 def resolve(text: str) -> ModelRef:
     """Turn what a user typed into a ModelRef, or raise a one-line HearthError."""
     text = text.strip()

@@ -435,21 +435,17 @@ def prune_to_store(model_text: str, ratio: float, name: str, data: Path | None =
     Importance comes from calibration activations over `data`, or from weight magnitudes when no
     data is given. The folder is written atomically; an existing model of that name is replaced.
     """
-    import re
     from datetime import datetime, timezone
 
     from core.atomic import atomic_dir, atomic_write_text
     from core.paths import hearth_paths
     from training.merge import merged_model
-    from training.model_store import MANIFEST, PersonalModel, resolve
+    from training.model_store import MANIFEST, PersonalModel, check_model_name, resolve
 
     if not 0.0 <= ratio < 1.0:
         raise HearthError(f"--ratio must be at least 0 and below 1, got {ratio}")
-    if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
-        raise HearthError(f"--out {name!r}: a model name may hold letters, digits, '.', '_' and '-' only")
+    check_model_name(name)
     ref = resolve(model_text)
-    if _is_catalog_name(name):
-        raise HearthError(f"--out {name!r} is a catalog model's name: choose another")
     model, tokenizer = merged_model(ref)
     before = parameter_count(model)
     if data is not None:
@@ -482,9 +478,3 @@ def prune_to_store(model_text: str, ratio: float, name: str, data: Path | None =
         write_hf_folder(model, tokenizer, tmp)
         atomic_write_text(tmp / MANIFEST, manifest.to_json() + "\n")
     return PruneResult(name, folder, plan, before, after)
-
-
-def _is_catalog_name(name: str) -> bool:
-    from training.catalog import find_entry
-
-    return find_entry(name) is not None

@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from app.commands.models import fetch
+    from training.model_store import check_model_name
     from training.pruning import prune_to_store
 
+    check_model_name(args.out)   # before a download that a bad name would waste
     fetch(args.model)
     result = prune_to_store(args.model, args.ratio, args.out, Path(args.data) if args.data else None, args.granularity)
     summary = {

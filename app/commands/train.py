@@ -59,12 +59,10 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import re
-
     from core.errors import HearthError
+    from training.model_store import check_model_name
 
-    if not re.fullmatch(r"[\w.-]+", args.out) or args.out.startswith("."):
-        raise HearthError(f"--out: '{args.out}' is not a valid model name (letters, digits, '.', '-', '_')")
+    check_model_name(args.out)
     if args.resume:
         from core.paths import hearth_paths
 

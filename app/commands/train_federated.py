@@ -16,15 +16,13 @@ def run_federated(args, report) -> int:
     from mesh.job_parts import connect_job_peers, reconnect
     from mesh.service import MeshService
     from app.commands.models import fetch
-    from training.catalog import DEFAULT_MODEL, find_entry
+    from training.catalog import DEFAULT_MODEL
     from training.fed_parts import FedSpec
     from training.federated import FedDevice, train_federated
     from training.part_fields import local_data
 
     if not args.devices:
         raise HearthError("--federated needs --devices all|NAME,... (the devices that hold the family's data)")
-    if find_entry(args.out) is not None:
-        raise HearthError(f"--name {args.out!r} is a catalog model's name: choose another")
     spec = FedSpec(name=args.out, model=args.model or DEFAULT_MODEL, rounds=args.rounds,
                    target_sparsity=args.sparsity, local_steps=args.local_steps, batch_size=args.batch_size,
                    lr=args.lr if args.lr is not None else FedSpec.lr, seed=args.seed, quorum=args.quorum,

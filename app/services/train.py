@@ -112,8 +112,11 @@ class TrainService:
 
     def check(self, plan: TrainPlan) -> None:
         """A one-line HearthError for a plan that cannot start (before anything loads)."""
-        if not plan.name or not plan.name.replace("-", "").replace("_", "").isalnum():
-            raise HearthError("name: letters, digits, - and _ only")
+        from training.model_store import check_model_name
+
+        if not plan.name:
+            raise HearthError("name: give the new model a name")
+        check_model_name(plan.name, "name")
         if not plan.data:
             raise HearthError("data: choose a JSONL of chats or a folder of notes")
         if not Path(plan.data).expanduser().exists():
