@@ -83,7 +83,9 @@ class HearthApp(App):
         Binding("f2", "switch_mode('devices')", "Devices", id="devices"),
         Binding("f3", "switch_mode('train')", "Train", id="train"),
         Binding("f4", "switch_mode('models')", "Models", id="models"),
-        Binding("ctrl+p", "command_palette", "Commands", id="palette", priority=True),
+        # Not shown among the others: the footer shows the palette's key at its right edge
+        # already, where a narrow terminal does not cut it off (it was shown twice).
+        Binding("ctrl+p", "command_palette", "Commands", id="palette", priority=True, show=False),
     ]
 
     def __init__(self, services: Services, start_mesh: bool = True, theme: str | None = None) -> None:

@@ -41,10 +41,13 @@ log = logging.getLogger("hearth.mesh")
 
 NONCE_BYTES = 32
 PAIRING_EXPIRY_S = 60.0
-GRANT_TEXT = (
-    "Pairing lets this device send you training work and your device's adapters, "
-    "and receive the data of jobs you run with it."
-)
+
+
+def grant_text(peer_name: str) -> str:
+    """What pairing with `peer_name` grants (MESH.md), said with its name: "this device" read as
+    the one in the person's hand, on whichever side it was shown."""
+    return (f"Pairing lets {peer_name} send you training work and your device's adapters, "
+            "and receive the data of jobs you run with it.")
 
 
 def commitment(nonce_a: bytes) -> bytes:
@@ -69,9 +72,12 @@ class IncomingPairing:
     address: str
     code: str
     expires_at: float
-    grant: str = GRANT_TEXT
     _decision: threading.Event = field(default_factory=threading.Event, repr=False)
     accepted: bool | None = None
+
+    @property
+    def grant(self) -> str:
+        return grant_text(self.peer_name)
 
     def accept(self) -> None:
         self._decide(True)

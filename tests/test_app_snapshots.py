@@ -96,7 +96,7 @@ def test_models_screen_snapshot(snap_compare, hearth_home):
 
 
 def test_pairing_dialog_snapshot(snap_compare, hearth_home):
-    from mesh.pairing import GRANT_TEXT
+    from mesh.pairing import grant_text
 
     from app.widgets.dialogs import PairingDialog
 
@@ -107,7 +107,7 @@ def test_pairing_dialog_snapshot(snap_compare, hearth_home):
         await pilot.press("f2")
         await _settled(pilot)
         await pilot.app.push_screen(PairingDialog(
-            "A device asks to pair with this one", "kitchen (desktop, 192.168.1.20)", "123456", GRANT_TEXT))
+            "A device asks to pair with this one", "kitchen (desktop, 192.168.1.20)", "123456", grant_text("kitchen")))
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SIZE, run_before=before)

@@ -256,7 +256,7 @@ class DevicesService:
 
     def pair(self, ref: str, timeout: float = 20.0) -> OutgoingPair:
         """Start pairing with `ref` (a name, an id prefix or host:port) and wait for the code."""
-        from mesh.pairing import GRANT_TEXT
+        from mesh.pairing import grant_text
 
         pairing = self._mesh.pair(ref)
         if not pairing.code_ready.wait(timeout):
@@ -264,7 +264,8 @@ class DevicesService:
             from core.errors import HearthError
 
             raise HearthError(f"{ref} did not answer the pairing request within {timeout:.0f} s")
-        return OutgoingPair(pairing.peer_name or ref, pairing.code or "", GRANT_TEXT, pairing)
+        peer_name = pairing.peer_name or ref
+        return OutgoingPair(peer_name, pairing.code or "", grant_text(peer_name), pairing)
 
     def unpair(self, ref: str) -> str:
         device = self._mesh.unpair(ref)
