@@ -30,10 +30,9 @@ import torch
 from core.atomic import atomic_path, atomic_write_text
 from core.errors import HearthError
 from core.locks import job_lock
-from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
+from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
 
 METHODS = ("pac", "lora", "full")
-QUANTS = ("none", "nf4", "int8")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 
@@ -67,8 +66,8 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise HearthError(f"--method must be one of pac, lora (got {self.method})")
-        if self.quant not in QUANTS:
-            raise HearthError(f"--quant must be one of {', '.join(QUANTS)} (got {self.quant})")
+        if self.quant not in QUANT_MODES:
+            raise HearthError(f"--quant must be one of {', '.join(QUANT_MODES)} (got {self.quant})")
         if self.epochs < 1:
             raise HearthError(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:

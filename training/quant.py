@@ -18,8 +18,8 @@ from torch import nn
 
 from core.errors import HearthError
 from core.memory import return_freed_memory
+from training.job_defaults import QUANT_MODES
 
-QUANT_MODES = ("none", "nf4", "int8")
 
 
 def quantize_backbone(model: Any, mode: str) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR
+from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: {pac} for pac, {lora} for lora)".format(**DEFAULT_EPOCHS))
     p.add_argument("--out", "--name", dest="out", required=True,
                    help="name of the personalised model (see `hearth models list`)")
-    p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
+    p.add_argument("--quant", choices=QUANT_MODES, default="none",
                    help="load the frozen backbone quantised (bitsandbytes) to save memory")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, decayed to zero over the job (default: {pac:g} pac, {lora:g} lora)".format(**DEFAULT_LR))
     p.add_argument("--batch-size", type=int, default=4, help="samples per step (default 4)")
