@@ -124,6 +124,11 @@ async def test_pair_and_unpair_a_real_worker_from_the_devices_screen(hearth_home
                          30, "the unpairing")
         assert app.services.devices.paired_count() == 0
 
+        # An unpaired device that leaves leaves the list (a guest's laptop heard once used to stay
+        # for ever, "gone"); a paired one stays, so that it can be unpaired while it is away.
+        worker.stop()
+        await wait_until(pilot, lambda: _row(app, KITCHEN) is None, 30, "the unpaired worker to leave the list")
+
 
 def _ask_to_pair(port: int, home: Path) -> subprocess.Popen:
     """Another device (its own HEARTH_HOME) asks the app on `port` to pair: `hearth pair --json`,

@@ -177,6 +177,8 @@ class DevicesService:
         if self._mesh is None:
             return rows
         for device in self._mesh.devices():
+            if device.state == "gone" and not device.paired:
+                continue     # a guest heard once would stay for ever; nothing to do with it
             memory, cores = self._profiles.get(device.id, (None, None))
             if fetch_profiles and device.paired and memory is None and device.state not in ("gone", "offline"):
                 memory, cores = self._fetch_profile(device.id)
