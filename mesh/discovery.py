@@ -166,7 +166,7 @@ class Discovery:
                 return
             device.state = "gone"
             device.last_seen = time.time()
-        log.info("device %s is gone", device.name)
+        log.debug("device %s is gone", device.name)   # as "seen": any device on the network, paired or not
         self._emit("gone", device)
 
     def _emit(self, event: str, device: SeenDevice) -> None:
