@@ -6,8 +6,8 @@ first frame, so it opens at once; models load lazily in the Chat screen's worker
 pairing request pops up over whatever screen is showing.
 
 Quitting while a training job or a download runs asks first, then waits for the job to stop at
-its next step (its checkpoint kept). A terminal that hangs up (SIGHUP, or a hang-up seen by app/terminal.py)
-closes the app the same way, without asking, with exit status 129.
+its next step (its checkpoint kept). A terminal that hangs up (SIGHUP, or a hang-up seen by
+app/terminal.py) closes the app the same way, without asking, with exit status 129.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class HearthApp(App):
                         "on the Train screen (F3) carries it on.")
         if downloads:
             said.append(f"{' and '.join(downloads)} {'is' if len(downloads) == 1 else 'are'} downloading: "
-                        "stopped, the files already complete are kept, and downloading it again (g on "
+                        "stopped, the files already complete are kept, and downloading again (g on "
                         "Models, F4) fetches the rest.")
 
         def decided(stop: bool | None) -> None:

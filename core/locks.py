@@ -41,7 +41,8 @@ def exclusive(path: Path, holder: str, what: str, advice: str) -> Iterator[None]
 
 
 def _holder(fd: int) -> str:
-    """"hearth worker (pid 123)" from the lock file; "another process" while it is being written."""
+    """Who holds the lock, as the lock file says ('hearth worker (pid 123)'); 'another process'
+    while its holder has not written it yet."""
     try:
         pid, _, holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip().partition(" ")
     except OSError:
