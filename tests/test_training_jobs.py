@@ -84,6 +84,9 @@ def test_trained_models_are_listed_and_chat_streams(hearth_home):
     from app.commands.models import model_rows
     from app.cli import main
     from training.engines import ChatMessage, SamplingSettings, open_engine
+    from training.offline_bitsandbytes import import_bitsandbytes
+
+    import_bitsandbytes()   # before peft: tests/test_offline.py
     from peft import PeftModel
 
     for method in ("pac", "lora"):

@@ -24,6 +24,9 @@ def _base():
 
 
 def test_lora_adapter_saves_loads_with_peft_and_merges(examples, tmp_path):
+    from training.offline_bitsandbytes import import_bitsandbytes
+
+    import_bitsandbytes()   # before peft: tests/test_offline.py
     from peft import PeftModel
 
     from training.data import collate

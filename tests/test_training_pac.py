@@ -305,7 +305,9 @@ def test_quantised_backbone_trains_a_side_chain(mode, hearth_home):
 
     full = load_backbone(str(tiny_llama_dir()))
     quant = load_backbone(str(tiny_llama_dir()), mode)
-    import bitsandbytes as bnb
+    from training.offline_bitsandbytes import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     kinds = {type(m) for m in quant.model.model.layers.modules()}
     assert (bnb.nn.Linear4bit if mode == "nf4" else bnb.nn.Linear8bitLt) in kinds
@@ -326,7 +328,9 @@ def test_nf4_layers_compute_in_float32_in_eval_mode_too(stories_gguf):
     """Quantised layers multiply by their dequantised weights in float32 whatever the module's
     mode: bitsandbytes would otherwise repack them for a bf16 kernel once a model is put in eval
     mode (on AVX512-BF16 CPUs), which changes the numbers training and chat get."""
-    import bitsandbytes as bnb
+    from training.offline_bitsandbytes import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     from training.trainer import load_backbone
 

@@ -15,12 +15,19 @@ What is not here: the training loop, checkpoints and resume (training/trainer.py
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import HearthError
 from training.data import Batch
+from training.offline_bitsandbytes import import_bitsandbytes
+
+# peft asks every model `is_gradient_checkpointing`, which the pinned transformers deprecates with
+# a FutureWarning on each LoRA job and each adapter loaded for chat: theirs to change, not the
+# user's to read.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # "all-linear" is PEFT's shorthand for every linear layer of the decoder except the LM head.
 ALL_LINEAR = "all-linear"
@@ -42,6 +49,7 @@ class LoraSettings:
 
 def build_lora_model(base: Any, settings: LoraSettings) -> Any:
     """Wrap `base` (a transformers causal LM) in a PEFT LoRA model; only the adapters train."""
+    import_bitsandbytes()   # before peft, which imports it: see training/offline_bitsandbytes.py
     from peft import LoraConfig, get_peft_model
 
     if settings.rank < 1:
@@ -118,12 +126,14 @@ def lora_step(model: Any, optimizer: Any, batch: Batch, max_grad_norm: float = 1
 
 def adapter_state(model: Any) -> dict[str, Any]:
     """The LoRA tensors by PEFT name (detached copies), e.g. to average across devices."""
+    import_bitsandbytes()
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: Any, state: dict[str, Any]) -> None:
+    import_bitsandbytes()
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, state)
@@ -140,6 +150,7 @@ def save_adapter(model: Any, folder: Path) -> None:
 
 def load_adapter(base: Any, folder: Path, trainable: bool = False) -> Any:
     """A PeftModel: `base` with the adapter saved in `folder`."""
+    import_bitsandbytes()
     from peft import PeftModel
 
     folder = Path(folder)

@@ -18,6 +18,7 @@ from torch import nn
 
 from core.errors import HearthError
 from core.memory import return_freed_memory
+from training.offline_bitsandbytes import import_bitsandbytes
 from training.job_defaults import QUANT_MODES
 
 
@@ -44,7 +45,7 @@ def check_mode(mode: str) -> None:
 def quantize_layer(layer: nn.Module, mode: str) -> int:
     """Quantise one decoder layer's nn.Linear modules in place; the number replaced. Called by
     loaders that fill a model layer by layer, so the whole float32 model never exists at once."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()   # never the Hub's kernels: see training/offline_bitsandbytes.py
 
     replaced = 0
     for parent in list(layer.modules()):
