@@ -14,13 +14,18 @@ training run, whichever front end started it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from core.errors import HearthError
 from core.paths import hearth_paths
+
+log = logging.getLogger("hearth")
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 @contextlib.contextmanager
@@ -33,6 +38,13 @@ def exclusive(path: Path, holder: str, what: str, advice: str) -> Iterator[None]
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise HearthError(f"{what} is already in use by {_holder(fd)}: {advice}") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            # A file system without locks (some network mounts): run unguarded rather than not at all.
+            log.warning("%s: this file system cannot lock files; a second Hearth here would not be refused", path)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {holder}\n".encode("utf-8"), 0)
         yield
