@@ -59,3 +59,12 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, mon
     with exclusive(tmp_path / "a.lock", "me", "x", "y"):
         ran = True
     assert ran and "cannot lock files" in caplog.text
+
+
+def test_a_lock_that_cannot_be_opened_is_a_one_line_error(tmp_path):
+    # Its folder's place is taken by a file (as a read-only data folder would refuse it too).
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(HearthError, match=r"not-a-folder/a.lock: cannot be opened \(File exists\)"):
+        with exclusive(blocker / "a.lock", "me", "x", "y"):
+            pass
