@@ -1,7 +1,5 @@
-import sys
-
-from app.cli import main
+from app.cli import entry
 
 # Guarded: benchmarks start worker processes that import this module again (spawn).
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> None:
+    """The `hearth` program (console script and `python -m app`): `main` as a process."""
+    from core.paths import keep_private
+
+    keep_private()
+    sys.exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     from core.errors import HearthError
 
@@ -76,4 +84,4 @@ def _default_run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -85,3 +85,21 @@ def hearth_paths() -> HearthPaths:
         Path(platformdirs.user_data_dir(APP_NAME)),
         Path(platformdirs.user_cache_dir(APP_NAME)),
     )
+
+
+def keep_private() -> None:
+    """Everything Hearth writes is the family's: chats, taught answers, training data sent by a
+    paired device, activation caches (hidden states of private text), models, keys. On a computer
+    shared by several accounts it must not be readable by the others, whatever the umask, and
+    wherever a library writes (SQLite, numpy, the hub client). So a `hearth` process creates
+    files for its own account only (umask 077), and its three folders are made private on start
+    (an install from before this rule had them readable by every account). Not done on import:
+    tests call `main` in-process and keep their own umask."""
+    os.umask(0o077)
+    paths = hearth_paths()
+    for folder in (paths.config_dir, paths.data_dir, paths.cache_dir):
+        try:
+            if folder.is_dir() and folder.stat().st_uid == os.getuid():
+                folder.chmod(0o700)
+        except OSError:
+            pass   # not ours to change (a shared mount): the files in it are still private
