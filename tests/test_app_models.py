@@ -214,3 +214,27 @@ async def test_a_pac_model_says_it_cannot_be_exported_instead_of_trying(hearth_h
         assert any("cannot be merged" in str(n.message) for n in app._notifications)
         assert "Exporting" not in str(app.screen.query_one("#models-status").render())
     assert not any((hearth_paths().models_dir / "tiny-pac").glob("*.gguf"))
+
+
+@run_async
+async def test_the_train_form_says_when_its_name_would_replace_a_model(hearth_home, stories_gguf):
+    # Retraining under a model's name replaces it at the end: said before Start, not discovered after.
+    from textual.widgets import Input, Static
+
+    _train_tiny("kitchen")
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        await pilot.pause()
+
+        def statement() -> str:
+            return str(app.screen.query_one("#data-statement", Static).render())
+
+        app.screen.query_one("#name", Input).value = "kitchen"
+        await pilot.pause()
+        assert "A model named kitchen exists: this job replaces it when it finishes." in statement()
+        app.screen.query_one("#name", Input).value = "kitchen-2"
+        await pilot.pause()
+        assert "exists" not in statement() and "stays on this device" in statement()

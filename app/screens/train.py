@@ -118,7 +118,9 @@ class TrainScreen(Screen):
     @on(Select.Changed)
     @on(SelectionList.SelectedChanged)
     def _statement(self) -> None:
-        self.query_one("#data-statement", Static).update(where_data_goes(self.plan(), self.train.this_device))
+        plan = self.plan()
+        said = [where_data_goes(plan, self.train.this_device), self.train.replaces(plan.name)]
+        self.query_one("#data-statement", Static).update(" ".join(s for s in said if s))
 
     @work(thread=True, exit_on_error=False, group="paired")
     def _load_devices(self) -> None:

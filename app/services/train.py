@@ -105,6 +105,15 @@ class TrainService:
                 cancel.set()
             return self._jobs.wait_for(lambda: not self._cancels, timeout)
 
+    def replaces(self, name: str) -> str:
+        """A sentence when `name` is already a personalised model (the job replaces it at its
+        end, in one rename; until then it stays as it is), else ""."""
+        from training.model_store import MANIFEST
+
+        if name and (hearth_paths().models_dir / name / MANIFEST).is_file():
+            return f"A model named {name} exists: this job replaces it when it finishes."
+        return ""
+
     def default_data(self) -> str:
         """The chats taught in the app, if there are any."""
         taught = hearth_paths().teach_file
