@@ -238,3 +238,44 @@ async def test_the_train_form_says_when_its_name_would_replace_a_model(hearth_ho
         app.screen.query_one("#name", Input).value = "kitchen-2"
         await pilot.pause()
         assert "exists" not in statement() and "stays on this device" in statement()
+
+
+@run_async
+async def test_a_model_whose_base_has_gone_says_so_everywhere(hearth_home, stories_gguf, tmp_path):
+    # Adapters run on their base's weights: trained on a folder that was then moved, the model
+    # used to be listed "ready" and fail with "unknown model '/that/folder'", naming no model.
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from app.services.train import TrainPlan, TrainService
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir(), base)
+    TrainService("here").run(TrainPlan("moved", str(HOUSEHOLD / "train.jsonl"), str(base), method="lora", epochs=1),
+                             lambda status: None)
+    shutil.rmtree(base)
+    said = (f"model moved runs on its base model {base}, which is not here any more: put it back, "
+            "or train moved again from a base that is")
+
+    def hearth(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app", *args], input="hi\n", capture_output=True, text=True,
+                              timeout=120)
+
+    chat = hearth("chat", "--model", "moved")
+    assert (chat.returncode, chat.stderr) == (2, f"hearth: {said}\n")
+    export = hearth("export", "moved", "--gguf")
+    assert (export.returncode, export.stderr) == (2, f"hearth: {said}\n")
+    [row] = [r for r in json.loads(hearth("models", "list", "--json").stdout)["models"] if r["name"] == "moved"]
+    assert row["available"] is False
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await _open_models(pilot, app)
+        _select(app, "moved")
+        await pilot.pause()
+        table = app.screen.query_one("#model-table")
+        assert "base missing" in [str(cell) for cell in table.get_row("moved")]
+        assert said in str(app.screen.query_one("#model-details").render())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import HearthError
-from training.model_store import ModelRef, load_torch, resolve
+from training.model_store import ModelRef, load_torch, resolve_base
 
 UNMERGEABLE = ("pac",)
 
@@ -30,7 +30,7 @@ def merged_model(ref: ModelRef, dtype: str = "float32") -> tuple[Any, Any]:
             "into the weights: it cannot be exported to GGUF; chat with it through the torch engine"
         )
     if personal is not None and personal.format == "peft":
-        return merge_lora(load_torch(resolve(personal.base), dtype), Path(ref.path))
+        return merge_lora(load_torch(resolve_base(personal), dtype), Path(ref.path))
     if personal is not None and personal.format not in ("hf", "gguf"):
         raise HearthError(f"model {personal.name}: unknown format '{personal.format}' in its manifest")
     return load_torch(ref, dtype)

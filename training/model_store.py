@@ -44,6 +44,11 @@ class PersonalModel:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    @property
+    def needs_base(self) -> bool:
+        """Adapters (pac, peft) run on their base's weights; merged weights and GGUF files do not."""
+        return self.format in ("pac", "peft")
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -92,6 +97,29 @@ def check_model_name(name: str, field: str = "--out") -> None:
         raise HearthError(f"{field} {name!r}: a model name may hold letters, digits, '.', '_' and '-' only")
     if find_entry(name) is not None:
         raise HearthError(f"{field} {name!r} is a catalog model's name: choose another")
+
+
+def resolve_base(model: PersonalModel) -> ModelRef:
+    """The base model `model`'s adapters run on, or a one-line error naming both when it has gone
+    (a folder moved or deleted, a package uninstalled): "unknown model '/some/folder'" alone did
+    not say which model needed it."""
+    try:
+        return resolve(model.base)
+    except HearthError:
+        raise HearthError(f"model {model.name} runs on its base model {model.base}, which is not here any "
+                          f"more: put it back, or train {model.name} again from a base that is") from None
+
+
+def missing_base(model: PersonalModel) -> str:
+    """Why `model` cannot run here (its base has gone), or "" when it can. A GGUF exported beside
+    it runs without the base."""
+    if not model.needs_base or any((hearth_paths().models_dir / model.name).glob("*.gguf")):
+        return ""
+    try:
+        resolve_base(model)
+    except HearthError as exc:
+        return str(exc)
+    return ""
 
 
 def resolve(text: str) -> ModelRef:

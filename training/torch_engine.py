@@ -146,6 +146,9 @@ def open_personal_lm(folder: Path, manifest: Any) -> PersonalLM:
     bfloat16 would be emulated, slower than float32, so the backbone stays float32."""
     from training.trainer import load_backbone, load_side_chain
 
+    from training.model_store import resolve_base
+
+    resolve_base(manifest)     # gone: say which model needs it, before anything loads
     quant = str(manifest.details.get("quant", "none")) if manifest.details else "none"
     backbone = load_backbone(manifest.base, quant)
     if manifest.format == "pac":

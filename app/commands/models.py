@@ -27,7 +27,7 @@ def model_rows() -> list[dict]:
     """One row per model: the stable shape of `hearth models list --json`."""
     from training.catalog import DEFAULT_MODEL, load_catalog
     from training.hub import local_snapshot
-    from training.model_store import personal_models
+    from training.model_store import missing_base, personal_models
 
     rows = []
     for entry in load_catalog():
@@ -57,7 +57,7 @@ def model_rows() -> list[dict]:
             "parameters": model.parameters,
             "pruning_ratio": model.pruning_ratio,
             "created": model.created,
-            "available": True,
+            "available": not missing_base(model),     # adapters whose base has gone cannot run
         })
     return rows
 
@@ -76,7 +76,7 @@ def _list(as_json: bool) -> int:
             if row["default"]:
                 details += " (default)"
         else:
-            state = "ready"
+            state = "ready" if row["available"] else "base missing"
             params = f"{row['parameters'] / 1e6:.0f}M" if row["parameters"] else "?"
             details = f"{row['method']} on {row['base']}"
             if row["pruning_ratio"]:

@@ -94,7 +94,7 @@ class ModelsScreen(Screen):
                 f"{m.size_mb:.0f} MB" if m.size_mb else "?",
                 f"{m.pruning:.0%}" if m.pruning else "-",
                 m.trained or "-",
-                ("ready" if m.has_gguf else "ready (torch)") if m.available else "not downloaded",
+                _state(m),
                 key=m.name,
             )
         if rows:
@@ -112,7 +112,9 @@ class ModelsScreen(Screen):
         text = f"[b]{m.name}[/b]: {m.title}."
         if m.active:
             text += " Chat uses this model."
-        if not m.available:
+        if m.problem:
+            text += f" {m.problem}."
+        elif not m.available:
             text += f" Not on this device yet: download it (g, {m.size_mb:.0f} MB)."
         if m.kind == "personal" and not m.has_gguf:
             text += (" Chat runs it through torch; export it (e) to GGUF for llama.cpp, faster." if m.mergeable else
@@ -130,7 +132,7 @@ class ModelsScreen(Screen):
         if m is None:
             return
         if not m.available:
-            self.notify(f"{m.name} is not on this device yet: download it first (g).")
+            self.notify(m.problem or f"{m.name} is not on this device yet: download it first (g).")
             return
         try:
             self.models.set_active(m.name)
@@ -149,8 +151,8 @@ class ModelsScreen(Screen):
         m = self._selected()
         if m is None:
             return
-        if m.available:
-            self.notify(f"{m.name} is on this device already.")
+        if m.available or m.problem:
+            self.notify(m.problem or f"{m.name} is on this device already.")
             return
         if self._download_cancel is not None:
             self.notify("A download is running already; x stops it.")
@@ -237,3 +239,11 @@ class ModelsScreen(Screen):
         self.notify(message.error or message.text, severity="error" if message.error else "information")
         self.query_one("#models-status", Static).update(message.error or message.text)
         self.action_refresh()
+
+
+def _state(m: ModelInfo) -> str:
+    if m.problem:
+        return "base missing"
+    if not m.available:
+        return "not downloaded"
+    return "ready" if m.has_gguf else "ready (torch)"

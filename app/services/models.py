@@ -35,6 +35,7 @@ class ModelInfo:
     active: bool              # the model chat uses by default
     has_gguf: bool            # llama.cpp can run it
     mergeable: bool = False   # a personalised model whose adapters merge into a GGUF (not pac's side chain)
+    problem: str = ""         # a personalised model that cannot run: why (its base model has gone)
 
 
 class ModelsService:
@@ -52,7 +53,7 @@ class ModelsService:
     def models(self) -> list[ModelInfo]:
         from training.catalog import load_catalog
         from training.hub import local_snapshot
-        from training.model_store import personal_models
+        from training.model_store import missing_base, personal_models
 
         active = self.active_model
         found: list[ModelInfo] = []
@@ -68,10 +69,11 @@ class ModelsService:
         for model in personal_models():
             folder = root / model.name
             trained = f"{model.method} on {model.base}"
+            problem = missing_base(model)
             found.append(ModelInfo(
                 name=model.name, kind="personal", title=trained,
                 parameters=_millions(model.parameters), size_mb=_folder_mb(folder),
-                pruning=float(model.pruning_ratio), trained=trained, available=True,
+                pruning=float(model.pruning_ratio), trained=trained, available=not problem, problem=problem,
                 active=model.name == active, has_gguf=any(folder.glob("*.gguf")),
                 mergeable=model.format != "pac",
             ))
