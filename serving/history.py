@@ -98,6 +98,8 @@ class History:
             # (only a power cut can lose the last ones), without an fsync per message.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Deleted text is overwritten, not left in free space for a file reader to recover.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise HearthError(f"{self.path}: not a usable chat history ({exc})") from None
@@ -180,8 +182,12 @@ class History:
         return self.conversation(conversation_id)
 
     def delete_conversation(self, conversation_id: int) -> None:
+        """Erase a conversation: gone from the file at once, not only from the list. Without the
+        checkpoint its text stayed in the database file (in pages the write-ahead log had
+        replaced) for as long as the app stayed open."""
         with self._transaction():
             self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        self._erase_old_pages()
 
     # --- messages --------------------------------------------------------------------------
 
@@ -229,6 +235,14 @@ class History:
         """Remove one message (regenerate drops the answer it replaces)."""
         with self._transaction():
             self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        self._erase_old_pages()
+
+    def _erase_old_pages(self) -> None:
+        # Copy the log's pages (the deletion, with secure_delete's zeros) over the database and
+        # empty the log, which still holds the pages as they were. Best effort: a reader in
+        # another process may hold the log for a moment; the next deletion or close finishes it.
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- teach -----------------------------------------------------------------------------
 

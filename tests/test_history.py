@@ -35,6 +35,30 @@ def test_conversation_and_messages_round_trip(tmp_path):
         ("user", "What is the capital of France?", ""), ("assistant", "Paris.", "smollm2-135m")]
 
 
+def test_a_deleted_conversation_is_gone_from_the_files_while_the_app_stays_open(tmp_path):
+    # Deleted from the list is not enough: its text stayed readable in the database file (pages
+    # the write-ahead log had replaced, free space) until the app closed, days later perhaps.
+    canary, kept = "CANARY-7f3a the surprise party is on Friday", "the shopping list"
+    history = History(tmp_path / "h.sqlite3")
+    secret = history.new_conversation("m", "")
+    history.add_message(secret.id, "user", canary)
+    history.add_message(secret.id, "assistant", canary + ", understood")
+    history.close()                                   # on disk, in the database file itself
+
+    history = History(tmp_path / "h.sqlite3")         # the app, open again
+    other = history.new_conversation("m", "")
+    history.add_message(other.id, "user", kept)
+    history.delete_conversation(secret.id)
+    answer = history.add_message(other.id, "assistant", canary[:20] + " regenerated away")
+    history.delete_message(answer.id)
+    files = sorted(tmp_path.glob("h.sqlite3*"))
+    assert len(files) >= 2                            # still open: the log is there
+    for path in files:
+        assert b"CANARY-7f3a" not in path.read_bytes(), path.name
+    assert [m.content for m in history.messages(other.id)] == [kept]
+    history.close()
+
+
 def test_database_is_wal_and_versioned(tmp_path):
     History(tmp_path / "h.sqlite3").close()
     db = sqlite3.connect(tmp_path / "h.sqlite3")
