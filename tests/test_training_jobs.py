@@ -51,6 +51,9 @@ def test_train_resumes_after_sigkill_with_no_step_lost_or_repeated(method, tmp_p
     assert [e["step"] for e in train_events] == list(range(1, total + 1))
     assert {"loss", "samples_per_s", "eta_s", "epoch"} <= set(train_events[-1])
     assert events[-1]["phase"] == "done"
+    # A finished job leaves no activation cache (hidden states of the family's text) behind.
+    activations = home / "cache" / "activations"
+    assert not activations.exists() or not any(activations.iterdir())
 
     killed = _hearth(home, *_train_args("again", method, epochs))
     seen = []
@@ -66,6 +69,8 @@ def test_train_resumes_after_sigkill_with_no_step_lost_or_repeated(method, tmp_p
     assert not (home / "data" / "models" / "again").exists()   # nothing half-written
     checkpointed = json.loads((home / "data" / "jobs" / "again" / "checkpoint.json").read_text())["step"]
     assert seen[-1] <= checkpointed < total
+    if method == "pac":   # an interrupted job keeps its cache, to resume without epoch 1
+        assert any(activations.iterdir())
 
     resumed = _hearth(home, *_train_args("again", method, epochs), "--resume")
     out, err = resumed.communicate(timeout=300)

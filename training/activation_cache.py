@@ -86,6 +86,12 @@ class ActivationCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(meta_path, json.dumps(meta, indent=2))
 
+    def delete(self) -> None:
+        """Remove the cache from disk (a finished job's: hidden states of the family's text, and
+        gigabytes for a large notes folder, kept for no one)."""
+        self._open.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     @property
     def num_shards(self) -> int:
         return (self.n_samples + self.shard_size - 1) // self.shard_size

@@ -124,6 +124,8 @@ def train(spec: JobSpec, resume: bool = False, on_event: Callable[[ProgressEvent
     if save:
         result.output = run.save_output(result)
         shutil.rmtree(job_dir, ignore_errors=True)
+        if run.cache is not None:
+            run.cache.delete()     # an interrupted job keeps it, to resume without epoch 1
     emit(ProgressEvent("done", result.steps, result.steps, spec.epochs, result.final_loss,
                        message=str(result.output or "")))
     return result
