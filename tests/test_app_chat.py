@@ -182,6 +182,14 @@ async def test_regenerate_replaces_the_last_answer(hearth_home, stories_gguf):
         assert [v.role for v in _views(app)] == ["user", "assistant"]
 
 
+async def _palette(pilot, command: str) -> None:
+    """Run a command of the palette (Ctrl-P) by typing its words."""
+    await pilot.press("ctrl+p")
+    await pilot.press(*command)
+    await pilot.pause(0.5)
+    await pilot.press("enter")
+
+
 def _seed_history(system: str = "") -> int:
     history = History()
     conv = history.new_conversation("smollm2-135m", system)
@@ -243,10 +251,7 @@ async def test_export_and_system_prompt_from_the_command_palette(hearth_home, st
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, app)
-        await pilot.press("ctrl+p")
-        await pilot.press(*"export to markdown")
-        await pilot.pause(0.5)
-        await pilot.press("enter")
+        await _palette(pilot, "export to markdown")
         await settle(pilot, app)
         exported = hearth_paths().exports_dir / f"conversation-{conv_id}.md"
         assert exported.read_text().startswith("# How do I print in Python?")
@@ -318,3 +323,27 @@ def test_theme_follows_the_terminal_background_or_the_config(hearth_home, monkey
         from app.services import build_services
 
         HearthApp(build_services())
+
+
+@run_async
+async def test_deleting_a_conversation_asks_then_erases_it(hearth_home, stories_gguf):
+    # Deleting erases the text from the file (serving/history.py): it asks first, as it cannot be undone.
+    from app.widgets.dialogs import ConfirmDialog
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    conv_id = _seed_history()
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        for answer in ("escape", "yes"):
+            await _palette(pilot, "delete conversation")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
+            if answer == "escape":
+                await pilot.press("escape")
+                await pilot.pause()
+                assert [c.id for c in History().conversations()] == [conv_id]
+            else:
+                await pilot.click("#yes")
+                await settle(pilot, app)
+        assert History().conversations() == []
+        assert len(app.screen.query_one("#conversations").children) == 0

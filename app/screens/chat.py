@@ -188,9 +188,20 @@ class ChatScreen(Screen):
     def action_delete_chat(self) -> None:
         if self.conversation_id is None or self._stream_conversation == self.conversation_id:
             return
-        self.chat.delete_conversation(self.conversation_id)
-        self.action_new_chat()
-        self._fill_conversations()
+        from app.widgets.dialogs import ConfirmDialog
+
+        doomed = self.conversation_id
+
+        def decided(yes: bool | None) -> None:
+            if yes and self._stream_conversation != doomed:
+                self.chat.delete_conversation(doomed)
+                if self.conversation_id == doomed:
+                    self.action_new_chat()
+                self._fill_conversations()
+
+        self.app.push_screen(ConfirmDialog(
+            "Delete this conversation? It is erased from this device's history and cannot be brought "
+            "back. Answers you taught from it stay in your training data.", "Delete"), decided)
 
     # --- asking ----------------------------------------------------------------------------
 
