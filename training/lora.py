@@ -126,14 +126,12 @@ def lora_step(model: Any, optimizer: Any, batch: Batch, max_grad_norm: float = 1
 
 def adapter_state(model: Any) -> dict[str, Any]:
     """The LoRA tensors by PEFT name (detached copies), e.g. to average across devices."""
-    import_bitsandbytes()
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: Any, state: dict[str, Any]) -> None:
-    import_bitsandbytes()
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, state)

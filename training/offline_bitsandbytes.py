@@ -10,8 +10,10 @@ with `kernels` made unimportable for that moment; bitsandbytes then uses its own
 ones every figure in docs/ was measured with: this machine has no internet, so the Hub kernel
 never loaded here either) and says so in a warning, which is silenced because nothing is wrong.
 
-Every import of bitsandbytes or peft in Hearth goes through `import_bitsandbytes()` first; once
-imported, Python reuses the module, so later plain imports are safe.
+Every place where Hearth may import bitsandbytes or peft first (a quantised backbone, a new
+LoRA model, an adapter loaded for chat) calls `import_bitsandbytes()` before; once imported,
+Python reuses the module, so later plain imports (peft's state-dict helpers, on a model that
+exists already) are safe.
 """
 
 from __future__ import annotations

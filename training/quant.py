@@ -18,9 +18,8 @@ from torch import nn
 
 from core.errors import HearthError
 from core.memory import return_freed_memory
-from training.offline_bitsandbytes import import_bitsandbytes
 from training.job_defaults import QUANT_MODES
-
+from training.offline_bitsandbytes import import_bitsandbytes
 
 
 def quantize_backbone(model: Any, mode: str) -> int:

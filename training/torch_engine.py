@@ -144,9 +144,8 @@ def open_personal_lm(folder: Path, manifest: Any) -> PersonalLM:
     (AVX512-BF16 or AMX): decoding reads half the bytes per token, about 1.5x faster with the same
     household recall (`hearth bench training --methods pac_cache`, docs/serving.md). Elsewhere
     bfloat16 would be emulated, slower than float32, so the backbone stays float32."""
-    from training.trainer import load_backbone, load_side_chain
-
     from training.model_store import resolve_base
+    from training.trainer import load_backbone, load_side_chain
 
     resolve_base(manifest)     # gone: say which model needs it, before anything loads
     quant = str(manifest.details.get("quant", "none")) if manifest.details else "none"

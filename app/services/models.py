@@ -80,7 +80,11 @@ class ModelsService:
         return found
 
     def personal_count(self) -> int:
-        return sum(1 for model in self.models() if model.kind == "personal")
+        """How many personalised models there are (the first-run check): the manifests alone,
+        not the whole listing, which resolves every model's base."""
+        from training.model_store import personal_models
+
+        return len(personal_models())
 
     def set_active(self, name: str) -> None:
         """Make `name` the model chat uses (written to the user's config)."""
@@ -94,8 +98,8 @@ class ModelsService:
         """Download catalog model `name` (minutes), calling `on_progress(MB here, MB in all)`
         twice a second. It runs `hearth models pull` as a child process, which cancelling (or
         closing the app) interrupts at once; a thread could not be stopped, and would hold the
-        app open. Files finished before the stop are kept; huggingface_hub drops a partial one
-        (its temporary name is unique to each run), so the next download starts that one again."""
+        app open. Files finished before the stop are kept; the child deletes the one it was
+        writing as it stops (app/commands/models.fetch), so the next download starts that one again."""
         from training.catalog import find_entry
         from training.hub import repo_cache_dir
 
