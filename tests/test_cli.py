@@ -115,3 +115,32 @@ def test_resume_of_a_job_that_never_ran_is_refused_by_name(tmp_path: Path):
 def test_a_new_model_name_is_checked_before_any_work(tmp_path: Path, command, name, said):
     done = hearth(*command, "--out", name, home=tmp_path)
     assert (done.returncode, done.stderr) == (2, f"hearth: {said}\n")
+
+
+def test_json_progress_keeps_one_event_per_line_when_threads_report_together(capsys):
+    # Pooled and federated jobs report from several threads at once (the base model goes to each
+    # device in parallel): two events once shared a line, and the federated lab test failed on it.
+    import threading
+
+    from app.commands.train import _JsonReport
+    from training.job import ProgressEvent
+
+    report = _JsonReport()
+
+    def send(device: int) -> None:
+        for i in range(300):
+            report(ProgressEvent("load", message=f"sending the base model to device {device} ({i})"))
+
+    threads = [threading.Thread(target=send, args=(d,)) for d in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as Python can, so a race shows every run
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8 * 300
+    assert all(json.loads(line)["phase"] == "load" for line in lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES
 
@@ -110,8 +111,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _JsonReport:
+    """One JSON line per event. Pooled and federated jobs report from several threads at once
+    (the base model goes to every device in parallel): one write per line, under a lock, or two
+    events could share a line (`print` writes the text and its newline separately)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
     def __call__(self, event) -> None:
-        print(event.to_json(), flush=True)
+        with self._lock:
+            sys.stdout.write(event.to_json() + "\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         pass
@@ -124,8 +134,13 @@ class _BarReport:
         self.bar = None
         self.tty = sys.stderr.isatty()
         self.last_epoch = 0
+        self._lock = threading.Lock()   # events come from several threads in pooled and federated jobs
 
     def __call__(self, event) -> None:
+        with self._lock:
+            self._report(event)
+
+    def _report(self, event) -> None:
         if event.phase in ("load", "cache"):
             print(event.message, file=sys.stderr, flush=True)
             return

@@ -56,10 +56,15 @@ def _serve(args: argparse.Namespace) -> int:
     local = local_data([*load_config().get("mesh.private_data"), *(args.data or [])])
     requests: queue.Queue[IncomingPairing] = queue.Queue()
     stop = threading.Event()
+    said = threading.Lock()
 
     def say(text: str) -> None:
+        # One write per line, under a lock: the prompt, pairing results and the main thread speak
+        # from different threads, and `print` writes a line and its newline separately.
         try:
-            print(text, flush=True)
+            with said:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
         except OSError:      # the terminal has gone (hung up): the worker carries on, or stops, quietly
             pass
 
