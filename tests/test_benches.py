@@ -43,7 +43,7 @@ def test_bench_serving_reports_every_variant_and_its_ratios(tmp_path):
         assert _positive(row["decode_tokens_per_s"]) and _positive(row["ttft_s"])
         assert _positive(row["bandwidth_bound_tokens_per_s"])
     for key in ("pruned30_decode_speedup", "llamacpp_vs_transformers", "fraction_of_bandwidth_bound",
-                "pruned30_efficiency", "memory_bandwidth_gb_s"):
+                "pruned30_efficiency", "memory_bandwidth_gb_s", "copy_bandwidth_gb_s"):
         assert _positive(report[key]), key
     # The memory-bound ideal follows from the sizes alone.
     assert report["pruned30_ideal_speedup"] == round(unpruned["weight_bytes"] / pruned30["weight_bytes"], 3)

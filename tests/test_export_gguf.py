@@ -163,3 +163,32 @@ def test_bad_quant_and_unknown_model_are_one_line_errors(hearth_home, capsys):
     assert hearth(["export", "no-such-model", "--gguf"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert hearth(["prune", "smollm2-135m", "--ratio", "1.5", "--out", "x"]) == 2
+
+
+def test_quantising_keeps_llama_cpp_quiet_and_says_what_fell_back(stories_gguf: Path, hearth_home, capsys):
+    """llama.cpp's quantiser logged every tensor it converted (306 lines for SmolLM2, 361
+    "warning:" lines more for q4_k_m) on the terminal of `hearth export`. Now one note says what
+    it had to do differently: stories260K's rows (64, 172 wide) fit neither q4_K's 256-wide
+    blocks nor, for 172, q8_0's 32-wide ones."""
+    out = hearth_home / "stories-q4km.gguf"
+    assert hearth(["export", str(stories_gguf), "--gguf", "--quant", "q4_k_m", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out) and out.stat().st_size > 0
+    note = captured.err.splitlines()
+    assert len(note) == 1 and note[0].startswith("note: llama.cpp stored "), captured.err
+    assert "tensors in a wider type than q4_k_m" in note[0]
+
+
+def test_quantiser_errors_come_back_in_one_line(hearth_home, tmp_path):
+    """A file llama.cpp cannot read: its own reason is in the error, and no output is left."""
+    from core.errors import HearthError
+    from training.export_gguf import quantize_gguf
+
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    target = tmp_path / "out.gguf"
+    with pytest.raises(HearthError) as error:
+        quantize_gguf(bad, target, "q8_0")
+    message = str(error.value)
+    assert str(bad) in message and "could not quantise it to q8_0: " in message and "\n" not in message
+    assert not target.exists() and list(tmp_path.iterdir()) == [bad]

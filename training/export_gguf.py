@@ -21,6 +21,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class ExportResult:
     quant: str
     bytes: int
     parameters: int
+    note: str = ""     # what the quantiser had to do differently, one line for the user
 
 
 def export_model(model_text: str, quant: str = "f16", output: Path | None = None) -> ExportResult:
@@ -63,6 +66,7 @@ def export_model(model_text: str, quant: str = "f16", output: Path | None = None
     if output.suffix.lower() != ".gguf":
         raise HearthError(f"{output}: the output file must end in .gguf")
     pre = tokenizer_pre_name(ref)
+    note = ""
     if quant in ("f16", "f32"):
         write_gguf(model, tokenizer, output, name, dtype=quant, tokenizer_pre=pre)
     else:
@@ -70,13 +74,13 @@ def export_model(model_text: str, quant: str = "f16", output: Path | None = None
             f16 = Path(tmp) / "model-f16.gguf"
             write_gguf(model, tokenizer, f16, name, dtype="f16", tokenizer_pre=pre)
             del model
-            quantize_gguf(f16, output, quant)
+            note = quantize_gguf(f16, output, quant)
     params = 0  # counted from the file: what llama.cpp will hold
     from gguf import GGUFReader
 
     for tensor in GGUFReader(str(output)).tensors:
         params += int(np.prod([int(x) for x in tensor.shape]))
-    return ExportResult(output, quant, output.stat().st_size, params)
+    return ExportResult(output, quant, output.stat().st_size, params, note)
 
 
 def tokenizer_pre_name(ref: Any, depth: int = 0) -> str:
@@ -316,8 +320,14 @@ def _add_sentencepiece_bpe(writer: Any, tokenizer: Any, spec: dict, vocab_size: 
     writer.add_add_space_prefix(bool(_space_marker(spec)))
 
 
-def quantize_gguf(source: Path, target: Path, quant: str, threads: int = 0) -> None:
-    """llama.cpp's own quantiser: `source` (F16/F32 GGUF) -> `target` of type `quant`."""
+def quantize_gguf(source: Path, target: Path, quant: str, threads: int = 0) -> str:
+    """llama.cpp's own quantiser: `source` (F16/F32 GGUF) -> `target` of type `quant`.
+
+    Returns a one-line note when llama.cpp had to store many tensors (a tenth or more) in another
+    type (a row length its blocks do not divide: SmolLM2's 576 columns in q4_k_m's 256-wide
+    blocks), else "".
+    Its per-tensor log (300 lines for SmolLM2) is kept off the terminal; its errors come back in
+    the HearthError."""
     import llama_cpp
 
     if quant not in _FTYPE_NAMES:
@@ -325,7 +335,45 @@ def quantize_gguf(source: Path, target: Path, quant: str, threads: int = 0) -> N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPE_NAMES[quant])
     params.nthread = threads or (os.cpu_count() or 1)
-    with atomic_path(Path(target)) as tmp:
+    with atomic_path(Path(target)) as tmp, _llama_cpp_messages() as messages:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0:
-            raise HearthError(f"{source}: llama.cpp could not quantise it to {quant} (code {code})")
+            errors = " ".join(text.strip() for level, text in messages if level == _LOG_ERROR)
+            raise HearthError(f"{source}: llama.cpp could not quantise it to {quant}"
+                              + (f": {errors}" if errors else f" (code {code})"))
+    for _level, text in messages:
+        fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+        # One or two tensors (the embedding's q6_K) falling back is llama.cpp's routine: no note.
+        if fallback and int(fallback[1]) * 10 >= int(fallback[2]):
+            return (f"llama.cpp stored {fallback[1]} of {fallback[2]} tensors in a wider type than {quant}: "
+                    f"their rows do not divide into its blocks")
+    return ""
+
+
+# ggml's log levels (ggml.h). llama-cpp-python's own handler predates their renumbering and
+# shows warnings as errors, so the quantiser gets a handler of its own.
+_LOG_ERROR, _LOG_CONT = 4, 5
+
+
+@contextmanager
+def _llama_cpp_messages() -> Iterator[list[tuple[int, str]]]:
+    """Collect llama.cpp's log lines as (level, text) instead of printing them; llama-cpp-python's
+    handler is put back afterwards (its module-level callback, the only handle to it)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    messages: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", "replace")
+        if level == _LOG_CONT and messages:
+            messages[-1] = (messages[-1][0], messages[-1][1] + line)
+        else:
+            messages.append((level, line))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield messages
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

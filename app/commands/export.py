@@ -7,6 +7,7 @@ and are refused (they chat through the torch engine). Prints the file's path.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -27,5 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     fetch(args.model)
     result = export_model(args.model, args.quant, Path(args.output) if args.output else None)
+    if result.note:
+        print(f"note: {result.note}", file=sys.stderr)
     print(result.path)
     return 0
