@@ -144,3 +144,26 @@ def test_json_progress_keeps_one_event_per_line_when_threads_report_together(cap
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 * 300
     assert all(json.loads(line)["phase"] == "load" for line in lines)
+
+
+def test_a_pruned_model_is_trained_on_and_nothing_else_is_printed(tmp_path: Path):
+    """`hearth prune` says the pruned model needs training and how; `hearth train --model` on it
+    is that training (it was refused as "already personalised"). Neither command prints
+    transformers' progress bars, which used to land between their lines."""
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+    data = str(HOUSEHOLD / "train.jsonl")
+    done = hearth("prune", str(tiny_llama_dir()), "--ratio", "0.5", "--data", data, "--out", "small", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("note: a pruned model answers poorly until trained again; train it on your data: "
+                           "hearth train --model small --method lora --data PATH --out NAME\n")
+    done = hearth("train", "--model", "small", "--method", "lora", "--data", data, "--epochs", "1",
+                  "--out", "family", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Trained family" in done.stderr and "it/s" not in done.stderr and "Loading weights" not in done.stderr
+    manifest = json.loads((tmp_path / "data" / "models" / "family" / "hearth-model.json").read_text())
+    assert manifest["base"] == "small" and manifest["format"] == "peft"
+    # an adapter model is still no base to train on: its weights are not whole
+    done = hearth("train", "--model", "family", "--data", data, "--out", "again", home=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == "hearth: model family is already personalised: train from its base (small)"

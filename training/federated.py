@@ -210,8 +210,12 @@ def train_federated(spec: FedSpec, devices: list[FedDevice], *, local: LocalData
     if not resume:
         shutil.rmtree(job_dir, ignore_errors=True)
     ref = resolve(spec.model)
-    if ref.kind == "personal":
+    if ref.personal is not None and ref.personal.needs_base:
         raise HearthError(f"model {spec.model} is already personalised: train from its base ({ref.personal.base})")
+    if ref.personal is not None:
+        # The devices prune in the rounds, from the consensus of every unit's importance.
+        raise HearthError(f"model {spec.model}: a federated job prunes the model itself (--sparsity); "
+                          f"start it from an unpruned base ({ref.personal.base})")
     ref = ensure_local(ref)
     assert ref.path is not None
     files = model_files(ref.path)

@@ -90,6 +90,12 @@ def personal_models() -> list[PersonalModel]:
     return found
 
 
+def dependents(name: str) -> list[str]:
+    """The personalised models whose adapters run on model `name` (a pruned model can be trained
+    on): deleting or replacing `name` would leave them on missing or other weights."""
+    return [m.name for m in personal_models() if m.needs_base and m.base == name]
+
+
 def check_model_name(name: str, field: str = "--out") -> None:
     """A name for a new personalised model, checked before any work: `resolve` must find it later
     (a catalog model's name would hide it for ever) and it must be a plain folder name."""
@@ -330,6 +336,15 @@ def gguf_path(ref: ModelRef) -> Path:
     )
 
 
+def quiet_transformers() -> None:
+    """No progress bars from transformers ("Loading weights", "Writing model shards"): drawn on
+    stderr at every load and save, they landed between a command's own lines and under the app.
+    Hearth reports its own progress; downloads keep theirs (huggingface_hub's own bars)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+
+
 def load_torch(ref: ModelRef, dtype: str = "float32", on_layer: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """A transformers causal LM (eval mode; which weights train is the trainer's choice) and its
     tokenizer for this reference. `on_layer` is called on each decoder layer as soon as its
@@ -338,6 +353,7 @@ def load_torch(ref: ModelRef, dtype: str = "float32", on_layer: Callable[[Any], 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     ref = ensure_local(ref)
     torch_dtype = getattr(torch, dtype)
     if ref.kind == "personal" and ref.path is not None and not (ref.path / "config.json").is_file():

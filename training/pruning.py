@@ -394,6 +394,9 @@ def write_hf_folder(model: Any, tokenizer: Any, folder: Path, dtype: str = "floa
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.tie_word_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
+    from training.model_store import quiet_transformers
+
+    quiet_transformers()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     config_path = Path(folder) / "config.json"

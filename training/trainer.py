@@ -85,7 +85,8 @@ def load_backbone(model: str, quant: str = "none") -> Backbone:
 
     check_mode(quant)
     ref = resolve(model)
-    if ref.kind == "personal":
+    if ref.personal is not None and ref.personal.needs_base:
+        # Adapters on adapters are not a format anyone loads; a pruned model is whole weights.
         raise HearthError(f"model {model} is already personalised: train from its base ({ref.personal.base})")
     on_layer = None
     if quant != "none":

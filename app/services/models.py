@@ -142,6 +142,7 @@ class ModelsService:
     def delete(self, name: str) -> None:
         """Delete a personalised model's folder. Base models are never deleted."""
         from training.catalog import find_entry
+        from training.model_store import dependents
 
         if find_entry(name) is not None:
             raise HearthError(f"model {name} is a base model of the catalog: it cannot be deleted")
@@ -150,6 +151,10 @@ class ModelsService:
             raise HearthError(f"{folder}: no personalised model called {name}")
         if name == self.active_model:
             raise HearthError(f"model {name} is the active chat model: make another one active first")
+        users = dependents(name)
+        if users:
+            raise HearthError(f"model {name} is the base of {', '.join(users)}, which run on it: delete "
+                              f"{'them' if len(users) > 1 else 'it'} first")
         # Rename first: a crash half-way through leaves a hidden folder, never a half model.
         doomed = folder.with_name(f".{name}.deleting")
         shutil.rmtree(doomed, ignore_errors=True)

@@ -85,6 +85,21 @@ def where_data_goes(plan: TrainPlan, this_device: str) -> str:
             "nothing goes to any other machine.")
 
 
+def pruned_base_name(name: str) -> str:
+    """The pruned model a job with pruning trains on (kept: the trained model runs on it).
+
+    `NAME-base`, unless a model still runs on it (the previous `NAME`, which stays usable until
+    the job replaces it, and after a cancelled job): then the next free `NAME-base-2`, `-3`.
+    Retraining alternates between two names; the one left over is replaced next time."""
+    from training.model_store import dependents
+
+    candidate, number = f"{name}-base", 1
+    while dependents(candidate):
+        number += 1
+        candidate = f"{name}-base-{number}"
+    return candidate
+
+
 class TrainService:
     def __init__(self, this_device: str = "", devices=None):
         """`devices`: the DevicesService whose paired devices can join a pooled job."""
@@ -105,13 +120,22 @@ class TrainService:
                 cancel.set()
             return self._jobs.wait_for(lambda: not self._cancels, timeout)
 
-    def replaces(self, name: str) -> str:
-        """A sentence when `name` is already a personalised model (the job replaces it at its
-        end, in one rename; until then it stays as it is), else ""."""
+    def replaces(self, name: str, pruning: float = 0.0) -> str:
+        """A sentence when the job would replace personalised models: `name` (at the job's end, in
+        one rename; until then it stays as it is) and, when pruning, its pruned base (at the
+        start), else ""."""
         from training.model_store import MANIFEST
 
-        if name and (hearth_paths().models_dir / name / MANIFEST).is_file():
+        if not name:
+            return ""
+        names = [name] + ([pruned_base_name(name)] if pruning > 0 else [])
+        here = [n for n in names if (hearth_paths().models_dir / n / MANIFEST).is_file()]
+        if len(here) == 2:
+            return f"Models named {here[0]} and {here[1]} exist: this job replaces both."
+        if here == [name]:
             return f"A model named {name} exists: this job replaces it when it finishes."
+        if here:
+            return f"A model named {here[0]} exists: pruning replaces it first."
         return ""
 
     def default_data(self) -> str:
@@ -139,6 +163,11 @@ class TrainService:
         others = [d for d in plan.devices if d != self.this_device]
         if others and plan.method != "pac":
             raise HearthError("training with other devices runs the pac method only: choose pac")
+        if others and plan.pruning > 0:
+            # Pooled jobs send the base as one GGUF file; a pruned base is a folder of weights.
+            raise HearthError("pruning: a job with other devices trains the full model; choose no pruning")
+        if plan.pruning > 0:
+            check_model_name(pruned_base_name(plan.name), "name")
         if others and self.devices is None:
             raise HearthError("no mesh: train on this device only")
         require_here(plan.model)
@@ -177,9 +206,14 @@ class TrainService:
         from training.trainer import train
 
         if resume:
-            spec = self._interrupted_spec(plan.name)
+            spec = self._interrupted_spec(plan.name)   # its model: the pruned base, if it had one
         else:
-            spec = JobSpec(name=plan.name, data=str(Path(plan.data).expanduser()), model=plan.model,
+            model = plan.model
+            if plan.pruning > 0:
+                model = self._prune(plan, on_status)
+                if cancel.is_set():
+                    raise TrainCancelled(f"cancelled after pruning: {model} is the pruned model, not trained yet")
+            spec = JobSpec(name=plan.name, data=str(Path(plan.data).expanduser()), model=model,
                            method=plan.method, epochs=plan.epochs, max_steps=plan.max_steps)
         losses: list[float] = []
 
@@ -202,13 +236,7 @@ class TrainService:
             self._run_pooled(spec, others, on_status, on_event, resume)
         else:
             train(spec, resume=resume, on_event=on_event)
-        name = spec.name
-        if plan.pruning > 0 and not resume:
-            if cancel.is_set():
-                raise TrainCancelled(f"model {name} is trained; pruning it was cancelled "
-                                     f"(prune it with: hearth prune {name} --ratio {plan.pruning:g} --out {name}-pruned)")
-            name = self._prune(plan, on_status, losses)
-        return name
+        return spec.name
 
     def _run_pooled(self, spec, others: list[str], on_status, on_event, resume: bool) -> None:
         """PAC across this device and paired ones (training/pooled.py); each device's figures
@@ -229,13 +257,17 @@ class TrainService:
             for _, peer in peers:
                 peer.close()
 
-    def _prune(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None], losses: list[float]) -> str:
+    def _prune(self, plan: TrainPlan, on_status: Callable[[TrainStatus], None]) -> str:
+        """Prune the base first, its units chosen by how the family's data uses them; the job then
+        trains on the smaller model, which is its recovery. The other way round (train, then
+        prune) left a model that answered nothing: 0 of 20 household facts against 11 of 20
+        this way (LoRA, 30%, docs/app.md)."""
         from training.pruning import prune_to_store
 
-        pruned = f"{plan.name}-pruned"
-        on_status(TrainStatus("prune", [DeviceProgress(self.this_device, 0, 1)], losses,
-                              message=f"pruning {plan.pruning:.0%} of {plan.name}"))
-        prune_to_store(plan.name, plan.pruning, pruned, Path(plan.data).expanduser())
+        pruned = pruned_base_name(plan.name)
+        on_status(TrainStatus("prune", [DeviceProgress(self.this_device, 0, 1)], [],
+                              message=f"pruning {plan.pruning:.0%} of {plan.model} into {pruned}"))
+        prune_to_store(plan.model, plan.pruning, pruned, Path(plan.data).expanduser())
         return pruned
 
     def _interrupted_spec(self, name: str):
