@@ -192,3 +192,31 @@ def test_quantiser_errors_come_back_in_one_line(hearth_home, tmp_path):
     message = str(error.value)
     assert str(bad) in message and "could not quantise it to q8_0: " in message and "\n" not in message
     assert not target.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_q4_1_export_of_a_model_trained_on_q4_1_weights_is_refused(stories_gguf: Path, hearth_home, tmp_path,
+                                                                   capsys):
+    """Trained on a q4_1 base (the bundled SmolLM2 is one), a model's changes are smaller than
+    q4_1's steps: exporting it at q4_1 rounded them back to the base's values (0 of 20 household
+    facts kept, against 10 at q8_0: docs/serving.md). That export is refused with what to choose;
+    a model that was only pruned exports at q4_1 as its base does."""
+    from training.export_gguf import quantize_gguf
+
+    base = tmp_path / "stories-q4_1.gguf"
+    quantize_gguf(stories_gguf, base, "q4_1")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "dog.txt").write_text("Our dog is called Biscuit. Biscuit likes the park.\n")
+    data = str(notes)   # stories260K has no chat template: notes, not chats
+    assert hearth(["train", "--model", str(base), "--method", "lora", "--data", data, "--epochs", "1",
+                   "--out", "tiny-family"]) == 0
+    capsys.readouterr()
+    assert hearth(["export", "tiny-family", "--gguf", "--quant", "q4_1"]) == 2
+    assert capsys.readouterr().err == (
+        "hearth: model tiny-family: a q4_1 export would round its training away (its base "
+        f"{base} is q4_1 already, and training changed its weights by less than q4_1's steps): "
+        "export q8_0, or q4_k_m for a smaller file\n")
+    assert not list((hearth_home / "data" / "models" / "tiny-family").glob("*.gguf"))
+    assert hearth(["export", "tiny-family", "--gguf", "--quant", "q8_0"]) == 0
+    assert hearth(["prune", str(base), "--ratio", "0.5", "--out", "tiny-small"]) == 0
+    assert hearth(["export", "tiny-small", "--gguf", "--quant", "q4_1"]) == 0

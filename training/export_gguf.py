@@ -54,6 +54,8 @@ def export_model(model_text: str, quant: str = "f16", output: Path | None = None
     if quant not in QUANTS:
         raise HearthError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     ref = resolve(model_text)
+    if quant == "q4_1":
+        _check_q4_1_keeps_training(ref)
     model, tokenizer = merged_model(ref)
     name = ref.display_name
     if output is None:
@@ -81,6 +83,37 @@ def export_model(model_text: str, quant: str = "f16", output: Path | None = None
     for tensor in GGUFReader(str(output)).tensors:
         params += int(np.prod([int(x) for x in tensor.shape]))
     return ExportResult(output, quant, output.stat().st_size, params, note)
+
+
+def _check_q4_1_keeps_training(ref: Any) -> None:
+    """Refuse a q4_1 export that would give back the base model. When the base's weights are
+    q4_1 already (the bundled SmolLM2), what training changed is smaller than q4_1's steps and
+    re-quantising rounds nearly all of it back to the base's values: a LoRA model trained on the
+    household set kept 0 of its 20 facts at q4_1, 10 at q8_0 and f16, 9 at q4_k_m (2026-12-05).
+    A model that was only pruned has nothing to lose and exports at q4_1 like its base."""
+    import llama_cpp
+
+    from training.gguf_file import GGUFFile
+    from training.model_store import resolve
+
+    personal, root = ref.personal, ref
+    if personal is None or personal.method == "pruned":
+        return
+    for _ in range(4):   # personalised on pruned on base: follow the bases to the first weights
+        if root.personal is None:
+            break
+        try:
+            root = resolve(root.personal.base)
+        except HearthError:
+            return       # merged_model says what is missing
+    if root.kind != "gguf" or root.path is None:
+        return
+    file_type = GGUFFile(root.path).fields.get("general.file_type")
+    if file_type is not None and int(file_type.contents()) == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1:
+        raise HearthError(
+            f"model {personal.name}: a q4_1 export would round its training away (its base "
+            f"{root.display_name} is q4_1 already, and training changed its weights by less than "
+            "q4_1's steps): export q8_0, or q4_k_m for a smaller file")
 
 
 def tokenizer_pre_name(ref: Any, depth: int = 0) -> str:
