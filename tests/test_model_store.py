@@ -168,6 +168,24 @@ def test_personal_gguf_model_loads_from_its_gguf(hearth_home: Path, stories_gguf
     assert "Lily" in greedy(model, tokenizer, "Once upon a time")
 
 
+def test_a_personalised_model_runs_as_its_last_export(hearth_home: Path, stories_gguf: Path):
+    """Exported at f16, then at q8_0 for speed: chat must run the q8_0 (the first by name ran)."""
+    import os
+
+    from core.paths import hearth_paths
+
+    folder = hearth_paths().models_dir / "exported"
+    folder.mkdir(parents=True)
+    for age, name in ((200, "exported-q8_0.gguf"), (100, "exported-f16.gguf")):
+        shutil.copy(stories_gguf, folder / name)
+        os.utime(folder / name, (1_700_000_000 + age, 1_700_000_000 + age))
+    manifest = PersonalModel(name="exported", base="stories260K", method="lora", format="gguf")
+    (folder / MANIFEST).write_text(manifest.to_json(), "utf-8")
+    assert gguf_path(resolve("exported")) == folder / "exported-q8_0.gguf"
+    os.utime(folder / "exported-f16.gguf", (1_700_000_300, 1_700_000_300))
+    assert gguf_path(resolve("exported")) == folder / "exported-f16.gguf"
+
+
 def test_personal_adapter_model_is_not_loaded_as_plain_weights(hearth_home: Path):
     from core.paths import hearth_paths
 
