@@ -220,3 +220,8 @@ def test_q4_1_export_of_a_model_trained_on_q4_1_weights_is_refused(stories_gguf:
     assert hearth(["export", "tiny-family", "--gguf", "--quant", "q8_0"]) == 0
     assert hearth(["prune", str(base), "--ratio", "0.5", "--out", "tiny-small"]) == 0
     assert hearth(["export", "tiny-small", "--gguf", "--quant", "q4_1"]) == 0
+    # pruning the trained model merges its training in: still refused
+    assert hearth(["prune", "tiny-family", "--ratio", "0.5", "--out", "tiny-family-small"]) == 0
+    capsys.readouterr()
+    assert hearth(["export", "tiny-family-small", "--gguf", "--quant", "q4_1"]) == 2
+    assert "round its training away" in capsys.readouterr().err

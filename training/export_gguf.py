@@ -97,7 +97,7 @@ def _check_q4_1_keeps_training(ref: Any) -> None:
     from training.model_store import resolve
 
     personal, root = ref.personal, ref
-    if personal is None or personal.method == "pruned":
+    if personal is None or not _trained(ref):
         return
     for _ in range(4):   # personalised on pruned on base: follow the bases to the first weights
         if root.personal is None:
@@ -114,6 +114,24 @@ def _check_q4_1_keeps_training(ref: Any) -> None:
             f"model {personal.name}: a q4_1 export would round its training away (its base "
             f"{root.display_name} is q4_1 already, and training changed its weights by less than "
             "q4_1's steps): export q8_0, or q4_k_m for a smaller file")
+
+
+def _trained(ref: Any, depth: int = 0) -> bool:
+    """Whether a personalised model's weights hold training: any method but "pruned", and a
+    pruned model whose source was trained (`hearth prune` of a trained model merges it)."""
+    from training.model_store import resolve
+
+    if ref.personal is None:
+        return False
+    if ref.personal.method != "pruned":
+        return True
+    source = (ref.personal.details or {}).get("pruned_from")
+    if not source or depth >= 4:
+        return False
+    try:
+        return _trained(resolve(str(source)), depth + 1)
+    except HearthError:
+        return False     # its source has gone: nothing says it was trained
 
 
 def tokenizer_pre_name(ref: Any, depth: int = 0) -> str:
