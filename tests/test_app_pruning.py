@@ -42,6 +42,7 @@ def test_pruning_comes_first_and_the_job_trains_on_the_pruned_model(hearth_home,
     base, family = _manifest(hearth_home, "family-base"), _manifest(hearth_home, "family")
     assert base["method"] == "pruned" and base["base"] == str(tiny_llama_dir())
     assert family["method"] == method and family["base"] == "family-base"
+    assert family["pruning_ratio"] == base["pruning_ratio"] == 0.5   # the Models screen's "Pruned"
 
     # The pruned base is the untrained base, pruned with the family's data as calibration: the
     # same pruning done by hand gives the same weights.

@@ -290,8 +290,10 @@ class _Run:
 
                 save_adapter(self.module, tmp)
                 fmt = "peft"
+            base = resolve(spec.model).personal   # a pruned base: this model is as pruned as it
             manifest = PersonalModel(
                 name=spec.name, base=spec.model, method=spec.method, format=fmt,
+                pruning_ratio=base.pruning_ratio if base is not None else 0.0,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 parameters=sum(p.numel() for p in self.backbone.model.parameters()),
                 details={"quant": spec.quant, "epochs": spec.epochs, "final_loss": result.final_loss,
