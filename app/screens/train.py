@@ -69,7 +69,7 @@ class TrainScreen(Screen):
                 yield SelectionList((this, this, True), id="devices")
                 yield Label("Epochs")
                 yield Input(str(DEFAULT_EPOCHS["pac"]), id="epochs", type="integer")
-                yield Label("Target pruning (a smaller, faster model)")
+                yield Label("Target pruning (smaller, faster; knows less beyond your data)")
                 yield Select(PRUNING, value=0.0, allow_blank=False, id="pruning")
                 yield Static("", id="data-statement")
                 with Horizontal(id="train-buttons"):
