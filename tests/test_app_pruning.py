@@ -80,6 +80,13 @@ def test_retraining_never_replaces_a_base_a_model_runs_on(hearth_home):
     assert service.replaces("family", 0.5) == "Models named family and family-base exist: this job replaces both."
 
     models = ModelsService(load_config())
+    titles = {m.name: m.title for m in models.models()}
+    assert titles["family-base-2"].endswith("; family runs on it")
+    assert titles["family-base"].endswith("; answers poorly until trained (hearth train --model family-base)")
+    from app.commands.models import model_rows
+
+    rows = {row["name"]: row for row in model_rows()}
+    assert rows["family-base-2"]["base_of"] == ["family"] and rows["family-base"]["base_of"] == []
     with pytest.raises(HearthError, match="model family-base-2 is the base of family, which run on it: delete it first"):
         models.delete("family-base-2")
     models.delete("family-base")

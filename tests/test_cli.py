@@ -74,7 +74,7 @@ def test_models_list_json_shape(hearth_home: Path):
     assert personal == [{
         "name": "family", "type": "personal", "title": f"pac on {DEFAULT_MODEL}", "base": DEFAULT_MODEL,
         "method": "pac", "format": "pac", "parameters": 135_000_000, "pruning_ratio": 0.25,
-        "created": "2026-11-22T08:00:00Z", "available": True,
+        "created": "2026-11-22T08:00:00Z", "available": True, "base_of": [],
     }]
 
     text = hearth("models", home=hearth_home)  # `list` is the default action

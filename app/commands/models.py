@@ -27,7 +27,7 @@ def model_rows() -> list[dict]:
     """One row per model: the stable shape of `hearth models list --json`."""
     from training.catalog import DEFAULT_MODEL, load_catalog
     from training.hub import local_snapshot
-    from training.model_store import missing_base, personal_models
+    from training.model_store import dependents, missing_base, personal_models
 
     rows = []
     for entry in load_catalog():
@@ -58,6 +58,7 @@ def model_rows() -> list[dict]:
             "pruning_ratio": model.pruning_ratio,
             "created": model.created,
             "available": not missing_base(model),     # adapters whose base has gone cannot run
+            "base_of": dependents(model.name),         # models that run on it (a pruned base)
         })
     return rows
 
@@ -81,6 +82,8 @@ def _list(as_json: bool) -> int:
             details = f"{row['method']} on {row['base']}"
             if row["pruning_ratio"]:
                 details += f", pruned {row['pruning_ratio']:.0%}"
+            if row["base_of"]:
+                details += f", base of {', '.join(row['base_of'])}"
         print(f"{row['name']:<22} {row['type']:<9} {params:>7} {state:<12} {details}")
     return 0
 

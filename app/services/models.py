@@ -53,7 +53,7 @@ class ModelsService:
     def models(self) -> list[ModelInfo]:
         from training.catalog import load_catalog
         from training.hub import local_snapshot
-        from training.model_store import missing_base, personal_models
+        from training.model_store import dependents, missing_base, personal_models
 
         active = self.active_model
         found: list[ModelInfo] = []
@@ -71,7 +71,7 @@ class ModelsService:
             trained = f"{model.method} on {model.base}"
             problem = missing_base(model)
             found.append(ModelInfo(
-                name=model.name, kind="personal", title=trained,
+                name=model.name, kind="personal", title=_pruned_note(trained, model, dependents(model.name)),
                 parameters=_millions(model.parameters), size_mb=_folder_mb(folder),
                 pruning=float(model.pruning_ratio), trained=trained, available=not problem, problem=problem,
                 active=model.name == active, has_gguf=any(folder.glob("*.gguf")),
@@ -168,6 +168,16 @@ class ModelsService:
 
     def reload(self) -> None:
         self._config = load_config(self._config.path)
+
+
+def _pruned_note(title: str, model, users: list[str]) -> str:
+    """A pruned model's line says why it is there: the models that run on it, or that it needs
+    training (a pruned model alone answers poorly: docs/serving.md)."""
+    if users:
+        return f"{title}; {', '.join(users)} {'runs' if len(users) == 1 else 'run'} on it"
+    if model.method == "pruned":
+        return f"{title}; answers poorly until trained (hearth train --model {model.name})"
+    return title
 
 
 def _millions(count: int) -> str:
