@@ -90,6 +90,44 @@ def personal_models() -> list[PersonalModel]:
     return found
 
 
+@dataclass
+class ModelListing:
+    """One model as the lists show it (`hearth models list`, the Models screen), each formats it."""
+
+    name: str
+    kind: str                              # "base" (the catalog) or "personal"
+    available: bool                        # runs here: downloaded, or a personal model's base is here
+    path: Path | None = None               # base: the GGUF or folder here; personal: its folder
+    catalog: CatalogEntry | None = None
+    personal: PersonalModel | None = None
+    problem: str = ""                      # why a personal model cannot run (its base has gone)
+    base_of: list[str] = field(default_factory=list)   # the models that run on it
+
+    @property
+    def has_gguf(self) -> bool:
+        if self.path is None:
+            return False
+        return self.path.suffix == ".gguf" if self.kind == "base" else newest_gguf(self.path) is not None
+
+
+def list_models() -> list[ModelListing]:
+    """The catalog's models, then the personalised ones (every manifest read once)."""
+    from training.catalog import load_catalog
+    from training.hub import local_snapshot
+
+    found = []
+    for entry in load_catalog():
+        local = entry.bundled_path() or local_snapshot(entry.hub_id)
+        found.append(ModelListing(entry.name, "base", local is not None, local, catalog=entry))
+    mine = personal_models()
+    for model in mine:
+        problem = missing_base(model)
+        found.append(ModelListing(model.name, "personal", not problem, hearth_paths().models_dir / model.name,
+                                  personal=model, problem=problem,
+                                  base_of=[m.name for m in mine if m.needs_base and m.base == model.name]))
+    return found
+
+
 def dependents(name: str) -> list[str]:
     """The personalised models whose adapters run on model `name` (a pruned model can be trained
     on): deleting or replacing `name` would leave them on missing or other weights."""

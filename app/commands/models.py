@@ -25,41 +25,41 @@ def run(args: argparse.Namespace) -> int:
 
 def model_rows() -> list[dict]:
     """One row per model: the stable shape of `hearth models list --json`."""
-    from training.catalog import DEFAULT_MODEL, load_catalog
-    from training.hub import local_snapshot
-    from training.model_store import dependents, missing_base, personal_models
+    from training.catalog import DEFAULT_MODEL
+    from training.model_store import list_models
 
     rows = []
-    for entry in load_catalog():
-        bundled = entry.bundled_path()
-        local = bundled or local_snapshot(entry.hub_id)
-        rows.append({
-            "name": entry.name,
-            "type": "base",
-            "title": entry.title,
-            "parameters": entry.parameters,
-            "size_mb": entry.size_mb,
-            "license": entry.license,
-            "min_memory_gb": entry.min_memory_gb,
-            "hub_id": entry.hub_id,
-            "available": local is not None,
-            "path": str(local) if local else None,
-            "default": entry.name == DEFAULT_MODEL,
-        })
-    for model in personal_models():
-        rows.append({
-            "name": model.name,
-            "type": "personal",
-            "title": f"{model.method} on {model.base}",
-            "base": model.base,
-            "method": model.method,
-            "format": model.format,
-            "parameters": model.parameters,
-            "pruning_ratio": model.pruning_ratio,
-            "created": model.created,
-            "available": not missing_base(model),     # adapters whose base has gone cannot run
-            "base_of": dependents(model.name),         # models that run on it (a pruned base)
-        })
+    for m in list_models():
+        if m.catalog is not None:
+            entry = m.catalog
+            rows.append({
+                "name": entry.name,
+                "type": "base",
+                "title": entry.title,
+                "parameters": entry.parameters,
+                "size_mb": entry.size_mb,
+                "license": entry.license,
+                "min_memory_gb": entry.min_memory_gb,
+                "hub_id": entry.hub_id,
+                "available": m.available,
+                "path": str(m.path) if m.path else None,
+                "default": entry.name == DEFAULT_MODEL,
+            })
+        elif m.personal is not None:
+            model = m.personal
+            rows.append({
+                "name": model.name,
+                "type": "personal",
+                "title": f"{model.method} on {model.base}",
+                "base": model.base,
+                "method": model.method,
+                "format": model.format,
+                "parameters": model.parameters,
+                "pruning_ratio": model.pruning_ratio,
+                "created": model.created,
+                "available": m.available,       # adapters whose base has gone cannot run
+                "base_of": m.base_of,           # models that run on it (a pruned base)
+            })
     return rows
 
 

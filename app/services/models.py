@@ -51,32 +51,27 @@ class ModelsService:
         return str(self._config.get("chat.model"))
 
     def models(self) -> list[ModelInfo]:
-        from training.catalog import load_catalog
-        from training.hub import local_snapshot
-        from training.model_store import dependents, missing_base, personal_models
+        from training.model_store import list_models
 
         active = self.active_model
         found: list[ModelInfo] = []
-        for entry in load_catalog():
-            bundled = entry.bundled_path()
-            local = bundled or local_snapshot(entry.hub_id)
-            found.append(ModelInfo(
-                name=entry.name, kind="base", title=entry.title, parameters=entry.parameters,
-                size_mb=float(entry.size_mb), pruning=0.0, trained="", available=local is not None,
-                active=entry.name == active, has_gguf=bundled is not None,
-            ))
-        root = hearth_paths().models_dir
-        for model in personal_models():
-            folder = root / model.name
-            trained = f"{model.method} on {model.base}"
-            problem = missing_base(model)
-            found.append(ModelInfo(
-                name=model.name, kind="personal", title=_pruned_note(trained, model, dependents(model.name)),
-                parameters=_millions(model.parameters), size_mb=_folder_mb(folder),
-                pruning=float(model.pruning_ratio), trained=trained, available=not problem, problem=problem,
-                active=model.name == active, has_gguf=any(folder.glob("*.gguf")),
-                mergeable=model.format != "pac",
-            ))
+        for m in list_models():
+            if m.catalog is not None:
+                entry = m.catalog
+                found.append(ModelInfo(
+                    name=entry.name, kind="base", title=entry.title, parameters=entry.parameters,
+                    size_mb=float(entry.size_mb), pruning=0.0, trained="", available=m.available,
+                    active=entry.name == active, has_gguf=m.has_gguf,
+                ))
+            elif m.personal is not None and m.path is not None:
+                model = m.personal
+                trained = f"{model.method} on {model.base}"
+                found.append(ModelInfo(
+                    name=model.name, kind="personal", title=_pruned_note(trained, model, m.base_of),
+                    parameters=_millions(model.parameters), size_mb=_folder_mb(m.path),
+                    pruning=float(model.pruning_ratio), trained=trained, available=m.available, problem=m.problem,
+                    active=model.name == active, has_gguf=m.has_gguf, mergeable=model.format != "pac",
+                ))
         return found
 
     def personal_count(self) -> int:
