@@ -233,8 +233,15 @@ async def test_the_train_form_says_when_its_name_would_replace_a_model(hearth_ho
             return str(app.screen.query_one("#data-statement", Static).render())
 
         app.screen.query_one("#name", Input).value = "kitchen"
+        app.screen.query_one("#data", Input).value = str(HOUSEHOLD / "train.jsonl")
         await pilot.pause()
         assert "A model named kitchen exists: this job replaces it when it finishes." in statement()
+        assert "learnt from" not in statement()
+        # The form offers the taught chats: retraining on them alone forgets what kitchen learnt.
+        app.screen.query_one("#data", Input).value = "/home/taught.jsonl"
+        await pilot.pause()
+        assert ("It learnt from train.jsonl; this job learns from taught.jsonl only, and the new model "
+                "will not know what was in the other.") in statement()
         app.screen.query_one("#name", Input).value = "kitchen-2"
         await pilot.pause()
         assert "exists" not in statement() and "stays on this device" in statement()

@@ -119,7 +119,7 @@ class TrainScreen(Screen):
     @on(SelectionList.SelectedChanged)
     def _statement(self) -> None:
         plan = self.plan()
-        said = [where_data_goes(plan, self.train.this_device), self.train.replaces(plan.name, plan.pruning)]
+        said = [where_data_goes(plan, self.train.this_device), self.train.replaces(plan.name, plan.pruning, plan.data)]
         self.query_one("#data-statement", Static).update(" ".join(s for s in said if s))
 
     @work(thread=True, exit_on_error=False, group="paired")

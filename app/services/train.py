@@ -120,10 +120,11 @@ class TrainService:
                 cancel.set()
             return self._jobs.wait_for(lambda: not self._cancels, timeout)
 
-    def replaces(self, name: str, pruning: float = 0.0) -> str:
+    def replaces(self, name: str, pruning: float = 0.0, data: str = "") -> str:
         """A sentence when the job would replace personalised models: `name` (at the job's end, in
         one rename; until then it stays as it is) and, when pruning, its pruned base (at the
-        start), else ""."""
+        start), else "". When `name` learnt from other data than `data`, it says so: the form
+        offers the taught chats, and retraining on them alone forgot the notes it learnt before."""
         from training.model_store import MANIFEST
 
         if not name:
@@ -131,12 +132,29 @@ class TrainService:
         names = [name] + ([pruned_base_name(name)] if pruning > 0 else [])
         here = [n for n in names if (hearth_paths().models_dir / n / MANIFEST).is_file()]
         if len(here) == 2:
-            return f"Models named {here[0]} and {here[1]} exist: this job replaces both."
-        if here == [name]:
-            return f"A model named {name} exists: this job replaces it when it finishes."
-        if here:
+            said = f"Models named {here[0]} and {here[1]} exist: this job replaces both."
+        elif here == [name]:
+            said = f"A model named {name} exists: this job replaces it when it finishes."
+        elif here:
             return f"A model named {here[0]} exists: pruning replaces it first."
-        return ""
+        else:
+            return ""
+        learnt = self._learnt_from(name)
+        if data and learnt and Path(learnt).expanduser() != Path(data).expanduser():
+            said += (f" It learnt from {Path(learnt).name}; this job learns from {Path(data).name} only, "
+                     "and the new model will not know what was in the other.")
+        return said
+
+    @staticmethod
+    def _learnt_from(name: str) -> str:
+        """The data path model `name` was trained on, from its manifest ("" if unknown)."""
+        from training.model_store import read_manifest
+
+        try:
+            spec = read_manifest(hearth_paths().models_dir / name).details.get("spec") or {}
+        except HearthError:
+            return ""
+        return str(spec.get("data") or "")
 
     def default_data(self) -> str:
         """The chats taught in the app, if there are any."""
