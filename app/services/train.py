@@ -151,10 +151,11 @@ class TrainService:
         from training.model_store import read_manifest
 
         try:
-            spec = read_manifest(hearth_paths().models_dir / name).details.get("spec") or {}
+            details = read_manifest(hearth_paths().models_dir / name).details or {}
         except HearthError:
             return ""
-        return str(spec.get("data") or "")
+        spec = details.get("spec") if isinstance(details, dict) else None
+        return str(spec.get("data") or "") if isinstance(spec, dict) else ""
 
     def default_data(self) -> str:
         """The chats taught in the app, if there are any."""
