@@ -94,19 +94,13 @@ def _check_q4_1_keeps_training(ref: Any) -> None:
     import llama_cpp
 
     from training.gguf_file import GGUFFile
-    from training.model_store import resolve
+    from training.model_store import first_weights
 
-    personal, root = ref.personal, ref
+    personal = ref.personal
     if personal is None or not _trained(ref):
         return
-    for _ in range(4):   # personalised on pruned on base: follow the bases to the first weights
-        if root.personal is None:
-            break
-        try:
-            root = resolve(root.personal.base)
-        except HearthError:
-            return       # merged_model says what is missing
-    if root.kind != "gguf" or root.path is None:
+    root = first_weights(ref)   # gone: merged_model says what is missing
+    if root is None or root.kind != "gguf" or root.path is None:
         return
     file_type = GGUFFile(root.path).fields.get("general.file_type")
     if file_type is not None and int(file_type.contents()) == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1:
@@ -134,25 +128,20 @@ def _trained(ref: Any, depth: int = 0) -> bool:
         return False     # its source has gone: nothing says it was trained
 
 
-def tokenizer_pre_name(ref: Any, depth: int = 0) -> str:
+def tokenizer_pre_name(ref: Any) -> str:
     """llama.cpp's pre-tokenizer name for this model: taken from the GGUF it came from, if any.
 
     llama.cpp recognises a pre-tokenizer by name only; the Hugging Face tokenizer does not carry
     that name, so it is inherited from the base model's GGUF (SmolLM2's is "smollm").
     """
-    from training.model_store import resolve
+    from training.gguf_file import GGUFFile
+    from training.model_store import first_weights
 
-    if ref.kind == "gguf" and ref.path is not None:
-        from training.gguf_file import GGUFFile
-
-        field = GGUFFile(ref.path).fields.get("tokenizer.ggml.pre")
-        return str(field.contents()) if field is not None else "default"
-    if ref.personal is not None and ref.personal.base and depth < 4:
-        try:
-            return tokenizer_pre_name(resolve(ref.personal.base), depth + 1)
-        except HearthError:
-            return "default"
-    return "default"
+    root = first_weights(ref)
+    if root is None or root.kind != "gguf" or root.path is None:
+        return "default"
+    field = GGUFFile(root.path).fields.get("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else "default"
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, name: str, dtype: str = "f16", tokenizer_pre: str = "default") -> None:

@@ -92,12 +92,11 @@ def personal_models() -> list[PersonalModel]:
 
 @dataclass
 class ModelListing:
-    """One model as the lists show it (`hearth models list`, the Models screen), each formats it."""
+    """One model as the lists show it (`hearth models list`, the Models screen): a catalog entry
+    or a personalised model, with what only this device knows about it. Each list formats it."""
 
-    name: str
-    kind: str                              # "base" (the catalog) or "personal"
     available: bool                        # runs here: downloaded, or a personal model's base is here
-    path: Path | None = None               # base: the GGUF or folder here; personal: its folder
+    path: Path | None = None               # catalog: the GGUF or folder here; personal: its folder
     catalog: CatalogEntry | None = None
     personal: PersonalModel | None = None
     problem: str = ""                      # why a personal model cannot run (its base has gone)
@@ -107,7 +106,7 @@ class ModelListing:
     def has_gguf(self) -> bool:
         if self.path is None:
             return False
-        return self.path.suffix == ".gguf" if self.kind == "base" else newest_gguf(self.path) is not None
+        return self.path.suffix == ".gguf" if self.catalog is not None else newest_gguf(self.path) is not None
 
 
 def list_models() -> list[ModelListing]:
@@ -118,20 +117,35 @@ def list_models() -> list[ModelListing]:
     found = []
     for entry in load_catalog():
         local = entry.bundled_path() or local_snapshot(entry.hub_id)
-        found.append(ModelListing(entry.name, "base", local is not None, local, catalog=entry))
+        found.append(ModelListing(local is not None, local, catalog=entry))
     mine = personal_models()
     for model in mine:
         problem = missing_base(model)
-        found.append(ModelListing(model.name, "personal", not problem, hearth_paths().models_dir / model.name,
-                                  personal=model, problem=problem,
-                                  base_of=[m.name for m in mine if m.needs_base and m.base == model.name]))
+        found.append(ModelListing(not problem, hearth_paths().models_dir / model.name, personal=model,
+                                  problem=problem, base_of=dependents(model.name, mine)))
     return found
 
 
-def dependents(name: str) -> list[str]:
+def dependents(name: str, among: list[PersonalModel] | None = None) -> list[str]:
     """The personalised models whose adapters run on model `name` (a pruned model can be trained
-    on): deleting or replacing `name` would leave them on missing or other weights."""
-    return [m.name for m in personal_models() if m.needs_base and m.base == name]
+    on): deleting or replacing `name` would leave them on missing or other weights. `among`: the
+    manifests already read, else all of them are."""
+    return [m.name for m in (personal_models() if among is None else among) if m.needs_base and m.base == name]
+
+
+def first_weights(ref: ModelRef) -> ModelRef | None:
+    """The model whose weights a personalised model started from: its bases followed (trained on
+    pruned on a catalog model) to the first that is not personalised; None when one has gone."""
+    for _ in range(8):
+        if ref.personal is None:
+            return ref
+        if not ref.personal.base:
+            return None
+        try:
+            ref = resolve(ref.personal.base)
+        except HearthError:
+            return None
+    return None
 
 
 def check_model_name(name: str, field: str = "--out") -> None:

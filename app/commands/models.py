@@ -45,8 +45,9 @@ def model_rows() -> list[dict]:
                 "path": str(m.path) if m.path else None,
                 "default": entry.name == DEFAULT_MODEL,
             })
-        elif m.personal is not None:
+        else:
             model = m.personal
+            assert model is not None
             rows.append({
                 "name": model.name,
                 "type": "personal",

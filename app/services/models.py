@@ -63,8 +63,9 @@ class ModelsService:
                     size_mb=float(entry.size_mb), pruning=0.0, trained="", available=m.available,
                     active=entry.name == active, has_gguf=m.has_gguf,
                 ))
-            elif m.personal is not None and m.path is not None:
+            else:
                 model = m.personal
+                assert model is not None and m.path is not None
                 trained = f"{model.method} on {model.base}"
                 found.append(ModelInfo(
                     name=model.name, kind="personal", title=_pruned_note(trained, model, m.base_of),
