@@ -4,6 +4,7 @@ bundled SmolLM2 where an answer must be long enough to stop mid-stream)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -198,16 +199,23 @@ def _seed_history(system: str = "") -> int:
     return conv.id
 
 
+@contextlib.asynccontextmanager
+async def _on_seeded_history(hearth_home, stories_gguf, system: str = "", **config):
+    """The app settled on its Chat screen over a history of one answered question (its id)."""
+    write_config(hearth_home, chat=stories_chat(stories_gguf), **config)
+    conv_id = _seed_history(system)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        yield app, pilot, conv_id
+
+
 @run_async
 async def test_teach_saves_the_corrected_answer_as_training_data(hearth_home, stories_gguf):
     from core.paths import hearth_paths
     from textual.widgets import TextArea
 
-    write_config(hearth_home, chat=stories_chat(stories_gguf))
-    conv_id = _seed_history("Be brief.")
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    async with _on_seeded_history(hearth_home, stories_gguf, "Be brief.") as (app, pilot, conv_id):
         assert app.screen.conversation_id == conv_id
         await pilot.press("ctrl+t")
         await pilot.pause()
@@ -226,11 +234,7 @@ async def test_teach_saves_the_corrected_answer_as_training_data(hearth_home, st
 
 @run_async
 async def test_copy_a_message_and_its_code_block(hearth_home, stories_gguf):
-    write_config(hearth_home, chat=stories_chat(stories_gguf))
-    _seed_history()
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    async with _on_seeded_history(hearth_home, stories_gguf) as (app, pilot, _):
         await pilot.press("ctrl+b")
         assert app.clipboard == "print('hello')"
         await pilot.press("ctrl+y")
@@ -246,11 +250,7 @@ async def test_export_and_system_prompt_from_the_command_palette(hearth_home, st
     from core.paths import hearth_paths
     from textual.widgets import TextArea
 
-    write_config(hearth_home, chat=stories_chat(stories_gguf))
-    conv_id = _seed_history()
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    async with _on_seeded_history(hearth_home, stories_gguf) as (app, pilot, conv_id):
         await _palette(pilot, "export to markdown")
         await settle(pilot, app)
         exported = hearth_paths().exports_dir / f"conversation-{conv_id}.md"
@@ -265,11 +265,7 @@ async def test_export_and_system_prompt_from_the_command_palette(hearth_home, st
 
 @run_async
 async def test_prompt_history_walks_with_up_and_down(hearth_home, stories_gguf):
-    write_config(hearth_home, chat=stories_chat(stories_gguf))
-    _seed_history()
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    async with _on_seeded_history(hearth_home, stories_gguf) as (app, pilot, _):
         prompt = app.screen.query_one("#prompt", PromptInput)
         prompt.focus()
         await pilot.press(*"draft")
@@ -281,11 +277,8 @@ async def test_prompt_history_walks_with_up_and_down(hearth_home, stories_gguf):
 
 @run_async
 async def test_keys_come_from_the_config_and_ctrl_q_quits_from_a_dialog(hearth_home, stories_gguf):
-    write_config(hearth_home, chat=stories_chat(stories_gguf), keys={"new_chat": "ctrl+l", "models": "f9"})
-    _seed_history()
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    keys = {"new_chat": "ctrl+l", "models": "f9"}
+    async with _on_seeded_history(hearth_home, stories_gguf, keys=keys) as (app, pilot, _):
         assert app.screen.conversation_id is not None
         await pilot.press("ctrl+l")
         assert app.screen.conversation_id is None
@@ -330,11 +323,7 @@ async def test_deleting_a_conversation_asks_then_erases_it(hearth_home, stories_
     # Deleting erases the text from the file (serving/history.py): it asks first, as it cannot be undone.
     from app.widgets.dialogs import ConfirmDialog
 
-    write_config(hearth_home, chat=stories_chat(stories_gguf))
-    conv_id = _seed_history()
-    app = make_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
+    async with _on_seeded_history(hearth_home, stories_gguf) as (app, pilot, conv_id):
         for answer in ("escape", "yes"):
             await _palette(pilot, "delete conversation")
             await wait_until(pilot, lambda: isinstance(app.screen, ConfirmDialog), 10, "the question")
