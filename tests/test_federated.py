@@ -374,3 +374,23 @@ def test_train_command_checks_its_federated_arguments(hearth_home, capsys):
     assert "--sparsity must be" in capsys.readouterr().err
     assert main(["train", "--out", "family"]) == 2           # pooled / single-device training needs data
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_a_federated_job_refuses_personalised_models_saying_why(hearth_home):
+    """Adapters cannot be a base; a pruned model could be trained on (`hearth train --model`), but
+    a federated job prunes in its rounds, from the consensus of every unit's importance."""
+    from training.fed_parts import FedSpec
+    from training.federated import FedDevice, train_federated
+    from training.model_store import MANIFEST, PersonalModel
+    from training.pruning import prune_to_store
+
+    prune_to_store(str(tiny_llama_dir()), 0.5, "small")
+    folder = hearth_home / "data" / "models" / "family"
+    folder.mkdir(parents=True)
+    (folder / MANIFEST).write_text(PersonalModel(name="family", base="small", method="lora", format="peft").to_json())
+    for model, said in (("small", f"model small: a federated job prunes the model itself (--sparsity); start it "
+                                  f"from an unpruned base ({tiny_llama_dir()})"),
+                        ("family", "model family is already personalised: train from its base (small)")):
+        with pytest.raises(HearthError) as error:
+            train_federated(FedSpec(name="fam", model=model), [FedDevice("here")])
+        assert str(error.value) == said
