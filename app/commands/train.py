@@ -24,7 +24,8 @@ def register(sub) -> argparse.ArgumentParser:
                    help="JSONL of chats (messages), prompt/response pairs or '### Human:' text; or a folder of .txt/.md notes")
     p.add_argument("--method", choices=["pac", "lora"], default="pac",
                    help="pac: parallel adapters with an activation cache (fast); lora: PEFT LoRA (mergeable)")
-    p.add_argument("--model", default=None, help="base model (default: the catalog's default)")
+    p.add_argument("--model", default=None,
+                   help="base model (default: the catalog's default); a pruned model (hearth prune) trains as its recovery")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: {pac} for pac, {lora} for lora)".format(**DEFAULT_EPOCHS))
     p.add_argument("--out", "--name", dest="out", required=True,
                    help="name of the personalised model (see `hearth models list`)")
