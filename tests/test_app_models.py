@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _train_tiny(name: str, method: str = "lora") -> None:
     from app.services.train import TrainPlan, TrainService
 
-    TrainService("here").run(TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()),
+    TrainService("here").run(TrainPlan(name, [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()),
                                        method=method, epochs=1),
                              lambda status: None)
 
@@ -237,11 +237,11 @@ async def test_the_train_form_says_when_its_name_would_replace_a_model(hearth_ho
         await pilot.pause()
         assert "A model named kitchen exists: this job replaces it when it finishes." in statement()
         assert "learnt from" not in statement()
-        # The form offers the taught chats: retraining on them alone forgets what kitchen learnt.
-        app.screen.query_one("#data", Input).value = "/home/taught.jsonl"
+        # Retraining on other data alone forgets what kitchen learnt.
+        app.screen.query_one("#data", Input).value = "/home/other.jsonl"
         await pilot.pause()
-        assert ("It learnt from train.jsonl; this job learns from taught.jsonl only, and the new model "
-                "will not know what was in the other.") in statement()
+        assert ("It learnt from train.jsonl too; this job leaves it out, and the new model "
+                "will not know what was in it.") in statement()
         app.screen.query_one("#name", Input).value = "kitchen-2"
         await pilot.pause()
         assert "exists" not in statement() and "stays on this device" in statement()
@@ -260,7 +260,7 @@ async def test_a_model_whose_base_has_gone_says_so_everywhere(hearth_home, stori
 
     base = tmp_path / "base"
     shutil.copytree(tiny_llama_dir(), base)
-    TrainService("here").run(TrainPlan("moved", str(HOUSEHOLD / "train.jsonl"), str(base), method="lora", epochs=1),
+    TrainService("here").run(TrainPlan("moved", [str(HOUSEHOLD / "train.jsonl")], str(base), method="lora", epochs=1),
                              lambda status: None)
     shutil.rmtree(base)
     said = (f"model moved runs on its base model {base}, which is not here any more: put it back, "

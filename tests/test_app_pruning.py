@@ -20,7 +20,7 @@ from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
 def _plan(name: str, method: str = "lora", pruning: float = 0.5, devices: list[str] | None = None):
     from app.services.train import TrainPlan
 
-    return TrainPlan(name, str(HOUSEHOLD / "train.jsonl"), str(tiny_llama_dir()), method=method, epochs=1,
+    return TrainPlan(name, [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()), method=method, epochs=1,
                      pruning=pruning, devices=devices or [], max_steps=2)
 
 
@@ -46,7 +46,7 @@ def test_pruning_comes_first_and_the_job_trains_on_the_pruned_model(hearth_home,
 
     # The pruned base is the untrained base, pruned with the family's data as calibration: the
     # same pruning done by hand gives the same weights.
-    prune_to_store(str(tiny_llama_dir()), 0.5, "by-hand", HOUSEHOLD / "train.jsonl")
+    prune_to_store(str(tiny_llama_dir()), 0.5, "by-hand", [HOUSEHOLD / "train.jsonl"])
     pruned, _ = load_torch(resolve("family-base"))
     by_hand, _ = load_torch(resolve("by-hand"))
     full, _ = load_torch(resolve(str(tiny_llama_dir())))

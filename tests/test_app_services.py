@@ -72,17 +72,17 @@ def test_train_plan_is_checked_and_the_data_statement_is_plain(hearth_home, tmp_
     service = TrainService("living-room")
     data = tmp_path / "chats.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
-    plan = TrainPlan("family", str(data), "smollm2-135m", devices=["living-room"])
+    plan = TrainPlan("family", [str(data)], "smollm2-135m", devices=["living-room"])
     service.check(plan)
     assert "stays on this device (living-room)" in where_data_goes(plan, "living-room")
-    assert "kitchen" in where_data_goes(TrainPlan("f", str(data), "m", devices=["living-room", "kitchen"]),
+    assert "kitchen" in where_data_goes(TrainPlan("f", [str(data)], "m", devices=["living-room", "kitchen"]),
                                         "living-room")
-    for bad, field in ((TrainPlan("a b", str(data), "m"), "name"), (TrainPlan("", str(data), "m"), "name"),
+    for bad, field in ((TrainPlan("a b", [str(data)], "m"), "name"), (TrainPlan("", [str(data)], "m"), "name"),
                        # a catalog name would hide the trained model behind the catalog's for ever
-                       (TrainPlan("smollm2-360m", str(data), "m"), "name 'smollm2-360m' is a catalog model's name"),
-                       (TrainPlan("f", "", "m"), "data"),
-                       (TrainPlan("f", str(data), "m", epochs=0), "epochs"),
-                       (TrainPlan("f", str(tmp_path / "nope.jsonl"), "m"), "nope.jsonl")):
+                       (TrainPlan("smollm2-360m", [str(data)], "m"), "name 'smollm2-360m' is a catalog model's name"),
+                       (TrainPlan("f", [], "m"), "data"),
+                       (TrainPlan("f", [str(data)], "m", epochs=0), "epochs"),
+                       (TrainPlan("f", [str(tmp_path / "nope.jsonl")], "m"), "nope.jsonl")):
         with pytest.raises(HearthError, match=field):
             service.check(bad)
 
@@ -109,4 +109,4 @@ def test_a_model_not_on_this_device_is_refused_not_downloaded(hearth_home, tmp_p
     data = tmp_path / "chats.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
     with pytest.raises(HearthError, match="smollm2-360m is not on this device yet"):
-        TrainService("here").check(TrainPlan("family", str(data), "smollm2-360m"))
+        TrainService("here").check(TrainPlan("family", [str(data)], "smollm2-360m"))

@@ -193,3 +193,87 @@ async def test_resume_with_nothing_interrupted_starts_nothing_and_ctrl_u_edits(h
         await pilot.pause(0.5)
         assert not app.services.train.running() and not job.done
         assert any("No interrupted job" in str(n.message) for n in app._notifications)
+
+
+@run_async
+async def test_the_form_trains_the_notes_and_the_taught_answers_together(hearth_home, stories_gguf):
+    """A family retrains its model after teaching answers in Chat. The form offers what the model
+    learnt from before and the taught answers beside it, so the new model keeps both; before,
+    it offered the taught answers alone, and the retrained model forgot the notes."""
+    import json
+
+    from app.services.train import TrainPlan, TrainService
+    from core.paths import hearth_paths
+    from textual.widgets import Checkbox, Input, Static
+    from tests.training_helpers import write_jsonl
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    household = str(HOUSEHOLD / "train.jsonl")
+    taught = hearth_paths().teach_file
+    taught.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(taught, [{"messages": [{"role": "user", "content": "Bin day?"},
+                                       {"role": "assistant", "content": "Tuesday."}]}] * 2)
+    TrainService("here").run(TrainPlan("family", [household], str(tiny_llama_dir()), method="lora", epochs=1),
+                             lambda status: None)
+    app = make_app()
+    done: list[TrainFinished] = []
+    hook = lambda message: done.append(message) if isinstance(message, TrainFinished) else None  # noqa: E731
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        await pilot.pause()
+        assert app.screen.query_one("#data", Input).value == household    # what family learnt from
+        await _fill_form(pilot, app, "family", epochs=1)
+        screen = app.screen
+
+        def statement() -> str:
+            return str(screen.query_one("#data-statement", Static).render())
+
+        box = screen.query_one("#taught", Checkbox)
+        assert box.value and str(box.label) == "Also the 2 answers you taught in Chat"
+        assert "Your data (train.jsonl, taught.jsonl) stays on this device" in statement()
+        assert "A model named family exists" in statement() and "learnt from" not in statement()
+        screen.query_one("#data", Input).value = ""
+        await pilot.pause()
+        assert "It learnt from train.jsonl too; this job leaves it out" in statement()
+
+        # More answers taught in Chat show when the form is seen again; a box unticked stays so.
+        box.value = False
+        with open(taught, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"messages": [{"role": "user", "content": "Cat?"},
+                                             {"role": "assistant", "content": "Mia feeds her."}]}) + "\n")
+        await pilot.press("f1")
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+        assert str(box.label) == "Also the 3 answers you taught in Chat" and not box.value
+        box.value = True
+        screen.query_one("#data", Input).value = household
+        await pilot.pause()
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: done, 240, "the job to finish")
+        assert done[0].ok, done[0].text
+    manifest = json.loads((hearth_paths().models_dir / "family" / "hearth-model.json").read_text("utf-8"))
+    assert manifest["details"]["samples"] == 20 + 3
+    assert manifest["details"]["spec"]["data"] == [household, str(taught)]
+
+
+@run_async
+async def test_the_form_on_a_first_run_offers_no_data_and_says_what_to_choose(hearth_home, stories_gguf):
+    from textual.widgets import Checkbox, Input
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        await pilot.pause()
+        box = app.screen.query_one("#taught", Checkbox)
+        assert box.disabled and not box.value
+        assert str(box.label) == "Also the answers you teach in Chat (none yet)"
+        assert app.screen.query_one("#data", Input).value == ""
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert any("data: choose a folder of notes or a JSONL of chats (or teach answers in Chat)" in str(n.message)
+                   for n in app._notifications)
+        assert not app.services.train.running()

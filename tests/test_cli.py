@@ -167,3 +167,28 @@ def test_a_pruned_model_is_trained_on_and_nothing_else_is_printed(tmp_path: Path
     done = hearth("train", "--model", "family", "--data", data, "--out", "again", home=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == "hearth: model family is already personalised: train from its base (small)"
+
+
+def test_train_learns_every_data_source_given(tmp_path: Path):
+    """`--data` repeats: a family's notes and the answers taught in Chat, in one job (retrained
+    on the taught answers alone, a model forgot the notes). The model's manifest keeps every
+    source, as absolute paths, so the app can say later what a retrain would leave out."""
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir, write_jsonl
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "garden.md").write_text("Water the tomatoes every evening.", "utf-8")
+    taught = write_jsonl(tmp_path / "taught.jsonl", [{"prompt": "Bin day?", "response": "Tuesday."}] * 3)
+    both = ["--data", str(HOUSEHOLD / "train.jsonl"), "--data", str(notes), "--data", str(taught)]
+    done = hearth("train", *both, "--model", str(tiny_llama_dir()), "--method", "lora", "--epochs", "1",
+                  "--out", "family", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    details = json.loads((tmp_path / "data" / "models" / "family" / "hearth-model.json").read_text())["details"]
+    assert details["samples"] == 20 + 1 + 3
+    assert details["data"] == ["train.jsonl", "notes", "taught.jsonl"]
+    assert details["spec"]["data"] == [str(HOUSEHOLD / "train.jsonl"), str(notes), str(taught)]
+    # the same source twice would be learnt twice as hard: refused before anything loads
+    done = hearth("train", "--data", str(taught), "--data", str(taught), "--out", "twice", home=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"hearth: {taught}: given twice as training data"
+    assert not (tmp_path / "data" / "models" / "twice").exists()

@@ -162,7 +162,7 @@ def mesh(tmp_path_factory):
 def _spec(notes: Path, stories_gguf: Path, name: str, **kw):
     from training.job import JobSpec
 
-    settings = dict(name=name, data=str(notes), model=str(stories_gguf), epochs=3, seed=7, batch_size=6)
+    settings = dict(name=name, data=[str(notes)], model=str(stories_gguf), epochs=3, seed=7, batch_size=6)
     settings.update(kw)
     return JobSpec(**settings)
 

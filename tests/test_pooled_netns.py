@@ -75,7 +75,7 @@ def _single(lab, epochs: int):
     from training.trainer import train
 
     torch.set_num_threads(1)
-    spec = JobSpec(name=f"single-{epochs}", data=str(lab.state["notes"]), model=str(_stories()), epochs=epochs,
+    spec = JobSpec(name=f"single-{epochs}", data=[str(lab.state["notes"])], model=str(_stories()), epochs=epochs,
                    batch_size=6, seed=7)
     return train(spec, save=False)
 

@@ -97,3 +97,51 @@ def test_bad_data_trains_nothing(hearth_home, tmp_path, capsys):
     assert code == 2
     assert f"{path}:2:" in capsys.readouterr().err
     assert not (hearth_paths().models_dir / "broken").exists()
+
+
+def test_several_sources_are_read_together_in_order(tmp_path):
+    # A family's notes and the answers taught in Chat: one job learns both (retrained on one
+    # alone, a model forgets the other).
+    from training.data import read_sources
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "garden.md").write_text("Water the tomatoes every evening.", "utf-8")
+    (notes / "chats.jsonl").write_text('{"prompt": "Who feeds the cat?", "response": "Mia."}\n', "utf-8")
+    taught = write_jsonl(tmp_path / "taught.jsonl", [{"prompt": "Bin day?", "response": "Tuesday."}])
+    found = read_sources([notes, str(taught), notes / "chats.jsonl"])   # a JSONL among notes is its own source
+    assert [c.text or c.messages[-1]["content"] for c in found] == [
+        "Water the tomatoes every evening.", "Tuesday.", "Mia."]
+
+
+@pytest.mark.parametrize("sources, message", [
+    (lambda t: [t / "taught.jsonl", t / "." / "taught.jsonl"], "given twice as training data"),
+    (lambda t: [t / "notes", t / "notes" / "garden.md"], "garden.md: inside"),
+    (lambda t: [t / "notes" / "garden.md", t / "notes"], "garden.md: inside"),
+    (lambda t: [t, t / "notes"], "notes: inside"),
+    (lambda t: [t / "taught.jsonl", t / "missing"], "missing: no such file or folder"),
+    (lambda t: [], "no training data given"),
+])
+def test_sources_learnt_twice_or_missing_are_refused(tmp_path, sources, message):
+    from core.errors import HearthError
+    from training.data import read_sources
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "garden.md").write_text("Water the tomatoes.", "utf-8")
+    write_jsonl(tmp_path / "taught.jsonl", [{"prompt": "Bin day?", "response": "Tuesday."}])
+    with pytest.raises(HearthError, match=message):
+        read_sources(sources(tmp_path))
+
+
+def test_a_job_spec_saved_with_one_source_still_reads():
+    # Checkpoints and model manifests written before a job took several sources hold a string:
+    # an interrupted job of that time resumes, its model says what it learnt from.
+    from core.errors import HearthError
+    from training.job import JobSpec
+
+    assert JobSpec.from_dict({"name": "old", "data": "/home/notes"}).data == ["/home/notes"]
+    assert JobSpec.from_dict({"name": "new", "data": ["/a", "/b"]}).data == ["/a", "/b"]
+    with pytest.raises(HearthError, match="job spec: field 'data' must be a path or a list of paths"):
+        JobSpec.from_dict({"name": "bad", "data": 3})
+    with pytest.raises(HearthError, match="data must be a list of one or more paths"):
+        JobSpec(name="bare", data="/home/notes")

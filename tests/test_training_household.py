@@ -44,7 +44,7 @@ def test_pac_learns_the_household_facts(smollm2, questions, recall_before, heart
     from training.torch_engine import PersonalLM
     from training.trainer import train
 
-    spec = JobSpec(name="household-pac", data=str(HOUSEHOLD / "train.jsonl"), method="pac", epochs=25,
+    spec = JobSpec(name="household-pac", data=[str(HOUSEHOLD / "train.jsonl")], method="pac", epochs=25,
                    batch_size=4)
     result = train(spec, backbone=smollm2)
     after = fact_recall(PersonalLM(smollm2.model, smollm2.tokenizer, result.module), questions).hits
@@ -86,7 +86,7 @@ def test_lora_learns_the_household_facts(smollm2, questions, recall_before, hear
     from training.torch_engine import PersonalLM
     from training.trainer import train
 
-    spec = JobSpec(name="household-lora", data=str(HOUSEHOLD / "train.jsonl"), method="lora", epochs=12,
+    spec = JobSpec(name="household-lora", data=[str(HOUSEHOLD / "train.jsonl")], method="lora", epochs=12,
                    lr=1e-3, batch_size=4, lora_rank=16)
     result = train(spec, backbone=smollm2, save=False)
     model = result.module

@@ -121,7 +121,7 @@ def test_the_loss_floor_changes_neither_loss_nor_gradients():
 def _pac_spec(name: str, data: Path, **overrides):
     from training.job import JobSpec
 
-    settings = dict(name=name, data=str(data), model=str(tiny_llama_dir()), method="pac", epochs=3,
+    settings = dict(name=name, data=[str(data)], model=str(tiny_llama_dir()), method="pac", epochs=3,
                     batch_size=4, lr=5e-3, tap_every=2, cache_shard_size=8)
     settings.update(overrides)
     return JobSpec(**settings)
@@ -154,10 +154,10 @@ def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home
     result = train(spec, backbone=tiny_backbone, save=False)
     # 20 samples in shards of 8, each shard's passes sorted by length (about 4 samples' tokens
     # each): those passes fill the cache (the side chain is calibrated from it), then none
-    from training.data import read_conversations, tokenize
+    from training.data import read_sources, tokenize
     from training.trainer import length_chunks
 
-    examples = tokenize(read_conversations(Path(spec.data)), tiny_backbone.tokenizer, spec.max_length)
+    examples = tokenize(read_sources(spec.data), tiny_backbone.tokenizer, spec.max_length)
     passes = sum(len(length_chunks(examples, list(range(b, min(b + 8, 20))), 4)) for b in range(0, 20, 8))
     assert 5 <= passes <= 10 and len(calls) == passes
     assert result.steps == 20

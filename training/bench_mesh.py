@@ -126,7 +126,7 @@ def run(args) -> dict:
     load_before = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="hearth-bench-mesh-"))
     data = args.data or str(_default_data(args.samples, root))
-    spec = JobSpec(name="bench-mesh", data=data, model=args.model, epochs=args.epochs, batch_size=args.batch_size)
+    spec = JobSpec(name="bench-mesh", data=[data], model=args.model, epochs=args.epochs, batch_size=args.batch_size)
     os.environ["HEARTH_HOME"] = str(root / "single")
     # One core per device where there are two: the single device and the coordinator on the
     # first, the worker on the second, as two machines would be. Left to the scheduler, the
@@ -185,9 +185,9 @@ def run(args) -> dict:
 
 
 def _samples(spec) -> int:
-    from training.data import read_conversations
+    from training.data import read_sources
 
-    return len(read_conversations(Path(spec.data)))
+    return len(read_sources(spec.data))
 
 
 def _pooled_run(args, spec, root: Path, cores: tuple[set[int] | None, set[int] | None]) -> dict:
@@ -224,7 +224,7 @@ def _pooled_run(args, spec, root: Path, cores: tuple[set[int] | None, set[int] |
         worker.send("y")
         if pair.popen.wait(60) != 0:
             raise HearthError(f"bench mesh: pairing failed: {' | '.join(pair.err[-5:] + pair.lines[-5:])}")
-        job = _Proc(["ip", "netns", "exec", ns_a, str(bin_dir / "hearth"), "train", "--data", spec.data, "--model",
+        job = _Proc(["ip", "netns", "exec", ns_a, str(bin_dir / "hearth"), "train", "--data", spec.data[0], "--model",
                      spec.model, "--epochs", str(spec.epochs), "--batch-size", str(spec.batch_size), "--seed",
                      str(spec.seed), "--out", "bench-mesh", "--devices", "bench-worker", "--json",
                      "--interface", a, "--wait", "10"], env("coordinator"), cores[0])

@@ -183,7 +183,7 @@ def worker(config: dict, result_file: Path) -> None:
         out["household_recall_before"] = fact_recall(base, questions).hits
         out["clinc_accuracy_before"] = intent_accuracy(base, clinc_rows).rate
     targets: list[str] | str = method.lora_targets.split(",") if "," in method.lora_targets else method.lora_targets
-    spec = JobSpec(name=f"bench-{method.key}", data=config["train_file"], model=config["model"],
+    spec = JobSpec(name=f"bench-{method.key}", data=[config["train_file"]], model=config["model"],
                    method=method.method, epochs=config["epochs"], quant=method.quant, cache=method.cache,
                    lr={"pac": config.get("pac_lr"), "lora": config.get("lora_lr")}.get(method.method),
                    lora_rank=method.lora_rank, lora_targets=targets, seed=int(config.get("seed", 0)),

@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,36 @@ def read_conversations(path: Path) -> list[Conversation]:
     if not found:
         raise HearthError(f"{path}: no training examples")
     return found
+
+
+def read_sources(paths: Sequence[str | Path]) -> list[Conversation]:
+    """Every conversation of every source, in the order given: a job learns from a notes folder
+    and the chats taught in the app together (retrained on one of them alone, a model forgets
+    the other). Every source is checked before any is used. A source given twice, or a file
+    inside a folder also given, is refused: its text would be learnt twice as hard."""
+    if not paths:
+        raise HearthError("no training data given")
+    seen: list[Path] = []
+    found = []
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        for earlier in seen:
+            if resolved == earlier:
+                raise HearthError(f"{path}: given twice as training data")
+            for inner, outer in ((resolved, earlier), (earlier, resolved)):
+                if _read_with(inner, outer):
+                    raise HearthError(f"{inner}: inside {outer}, which is also given as training data")
+        seen.append(resolved)
+        found.extend(read_conversations(resolved))
+    return found
+
+
+def _read_with(inner: Path, outer: Path) -> bool:
+    """Whether reading folder `outer` reads `inner` too (a folder reads its .txt/.md notes only,
+    so a JSONL of chats kept among the notes is a source of its own)."""
+    if not outer.is_dir() or not inner.is_relative_to(outer):
+        return False
+    return inner.is_dir() or inner.suffix.lower() in NOTE_SUFFIXES
 
 
 def _parse_line(path: Path, number: int, line: str) -> Conversation:

@@ -428,7 +428,7 @@ class FedJobs:
         raise ValueError(f"unknown job part {type!r}")
 
     def _open(self, owner: str, fields: dict) -> dict:
-        from training.data import read_conversations, tokenize
+        from training.data import read_sources, tokenize
 
         try:
             spec = FedSpec.from_json(fields["spec"])
@@ -443,7 +443,7 @@ class FedJobs:
         if isinstance(loaded, list):
             return {"need_files": loaded}
         model, tokenizer = loaded
-        conversations = [c for path in self.data.paths for c in read_conversations(path)]
+        conversations = read_sources(self.data.paths)
         examples = tokenize(conversations, tokenizer, spec.max_length)
         self.jobs.make_room(fields["job"])
         self.jobs.put(owner, fields["job"], FedJob(spec, model, tokenizer, examples))

@@ -30,7 +30,7 @@ import torch
 from core.atomic import atomic_path, atomic_write_text
 from core.errors import HearthError
 from core.locks import job_lock
-from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
+from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES, spec_sources  # noqa: F401 - DEFAULT_EPOCHS: job.py's readers
 
 METHODS = ("pac", "lora", "full")
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
@@ -40,7 +40,7 @@ CHECKPOINT_JSON = "checkpoint.json"
 @dataclass
 class JobSpec:
     name: str
-    data: str
+    data: list[str]                      # the sources, learnt together (training.data.read_sources)
     model: str = "smollm2-135m"
     method: str = "pac"
     epochs: int = 3
@@ -64,6 +64,8 @@ class JobSpec:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, list) or not self.data or not all(isinstance(p, str) for p in self.data):
+            raise HearthError(f"data must be a list of one or more paths (got {self.data!r})")
         if self.method not in METHODS:
             raise HearthError(f"--method must be one of pac, lora (got {self.method})")
         if self.quant not in QUANT_MODES:
@@ -84,7 +86,11 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobSpec":
-        return cls(**data)
+        try:
+            sources = spec_sources(data)
+        except ValueError as exc:
+            raise HearthError(f"job spec: {exc}") from None
+        return cls(**{**data, "data": sources})
 
 
 @dataclass

@@ -49,11 +49,8 @@ class LocalData:
 
 def local_data(paths: list[str | Path]) -> LocalData:
     """Validate every file now (a bad line: one-line HearthError naming file and line)."""
-    from training.data import read_conversations
+    from training.data import read_sources
 
-    found = LocalData()
-    for path in paths:
-        path = Path(path).expanduser().resolve()
-        found.conversations += len(read_conversations(path))
-        found.paths.append(path)
-    return found
+    if not paths:
+        return LocalData()
+    return LocalData([Path(p).expanduser().resolve() for p in paths], len(read_sources(paths)))

@@ -260,7 +260,7 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
                  backbone: Any = None, save: bool = True, checkpoint_every_s: float = 30.0,
                  step_timeout_s: float = 600.0) -> PooledResult:
     """Run (or resume) `spec` across `devices`; `on_plan` sees the plan first (False cancels)."""
-    from training.data import read_conversations, tokenize
+    from training.data import read_sources, tokenize
     from training.model_store import resolve
     from training.trainer import _Run, load_backbone
 
@@ -283,7 +283,7 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
     if ref.path is None or not ref.path.is_file():
         raise HearthError(f"model {spec.model}: pooled training sends the base model as one GGUF file; "
                           "this one is not a single file here")
-    conversations = read_conversations(Path(spec.data))
+    conversations = read_sources(spec.data)
     emit(ProgressEvent("load", message=f"loading {spec.model}"))
     if backbone is None:
         backbone = load_backbone(spec.model, spec.quant)

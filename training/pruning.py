@@ -21,7 +21,7 @@ models (see `save_pruned`) or export GGUF files.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,24 +419,27 @@ class PruneResult:
 CALIBRATION_EXAMPLES = 32   # enough for stable activation statistics, a few seconds on a laptop
 
 
-def calibration_batches(path: Path, tokenizer: Any, examples: int = CALIBRATION_EXAMPLES,
+def calibration_batches(paths: Sequence[Path], tokenizer: Any, examples: int = CALIBRATION_EXAMPLES,
                         batch_size: int = 4, max_length: int = 128) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of the first `examples` samples of a training-data file (training.data)."""
-    from training.data import collate, load_examples
+    """Padded batches of `examples` samples spread evenly over the training data (training.data):
+    the first ones alone would be the first source's (a large notes folder would leave out the
+    taught chats given after it)."""
+    from training.data import collate, read_sources, tokenize
 
-    samples = load_examples(Path(path), tokenizer, max_length)[:examples]
+    every = tokenize(read_sources(paths), tokenizer, max_length)
+    samples = every[::max(1, len(every) // examples)][:examples]
     if not samples:
-        raise HearthError(f"{path}: no calibration samples")
+        raise HearthError(f"{', '.join(str(p) for p in paths)}: no calibration samples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [vars(collate(samples[i:i + batch_size], pad)) for i in range(0, len(samples), batch_size)]
 
 
-def prune_to_store(model_text: str, ratio: float, name: str, data: Path | None = None,
+def prune_to_store(model_text: str, ratio: float, name: str, data: Sequence[Path] = (),
                    granularity: str = "query") -> PruneResult:
     """Prune a model and save it as a personalised model (format "hf") named `name`.
 
-    Importance comes from calibration activations over `data`, or from weight magnitudes when no
-    data is given. The folder is written atomically; an existing model of that name is replaced.
+    Importance comes from calibration activations over `data` (its sources), or from weight
+    magnitudes when no data is given. The folder is written atomically; an existing model of that name is replaced.
     """
     from datetime import datetime, timezone
 
@@ -451,8 +454,8 @@ def prune_to_store(model_text: str, ratio: float, name: str, data: Path | None =
     ref = resolve(model_text)
     model, tokenizer = merged_model(ref)
     before = parameter_count(model)
-    if data is not None:
-        scores = activation_importance(model, calibration_batches(Path(data), tokenizer))
+    if data:
+        scores = activation_importance(model, calibration_batches(data, tokenizer))
     else:
         scores = magnitude_importance(model)
     plan = prune(model, scores, ratio, granularity)

@@ -33,7 +33,7 @@ from core.atomic import atomic_dir, atomic_write_text
 from core.errors import HearthError
 from core.paths import hearth_paths
 from training.activation_cache import ActivationCache, CacheKey, tokenizer_fingerprint
-from training.data import Example, collate, examples_fingerprint, read_conversations, tokenize
+from training.data import Example, collate, examples_fingerprint, read_sources, tokenize
 from training.job import (
     Checkpoint, JobSpec, ProgressEvent, apply_gradients, batch_plan, load_checkpoint, make_optimizer,
     one_run_at_a_time, pac_gradients, save_checkpoint, scheduled_lr, set_learning_rate, steps_per_epoch,
@@ -115,7 +115,7 @@ def train(spec: JobSpec, resume: bool = False, on_event: Callable[[ProgressEvent
     if not resume:
         shutil.rmtree(job_dir, ignore_errors=True)
 
-    conversations = read_conversations(Path(spec.data))  # every line checked before any work
+    conversations = read_sources(spec.data)  # every line of every source checked before any work
     emit(ProgressEvent("load", message=f"loading {spec.model}"))
     if backbone is None:
         backbone = load_backbone(spec.model, spec.quant)
@@ -298,7 +298,7 @@ class _Run:
                 parameters=sum(p.numel() for p in self.backbone.model.parameters()),
                 details={"quant": spec.quant, "epochs": spec.epochs, "final_loss": result.final_loss,
                          "trainable_parameters": result.trainable_parameters, "samples": len(self.examples),
-                         "data": os.path.basename(spec.data), "lr": spec.learning_rate,
+                         "data": [os.path.basename(p) for p in spec.data], "lr": spec.learning_rate,
                          "spec": spec.to_dict()},
             )
             atomic_write_text(tmp / MANIFEST, manifest.to_json())

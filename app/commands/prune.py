@@ -1,4 +1,4 @@
-"""`hearth prune MODEL --ratio R [--data PATH] --out NAME`: a smaller model, heads and channels removed.
+"""`hearth prune MODEL --ratio R [--data PATH ...] --out NAME`: a smaller model, heads and channels removed.
 
 The result is a personalised model (plain safetensors + config) that transformers loads with no
 custom code. It answers poorly until trained again: `hearth train --model NAME` trains on it (the
@@ -17,7 +17,8 @@ def register(sub) -> argparse.ArgumentParser:
                        description=__doc__.splitlines()[0])
     p.add_argument("model", help="model to prune (catalog name, personalised model, .gguf or folder)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of heads and channels to remove, e.g. 0.3")
-    p.add_argument("--data", help="calibration data (JSONL or notes folder); without it, weight magnitudes decide")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="calibration data (JSONL or notes folder; repeatable); without it, weight magnitudes decide")
     p.add_argument("--out", required=True, help="name of the pruned model")
     p.add_argument("--granularity", choices=("query", "group"), default="query",
                    help="query heads within KV groups (default) or whole KV groups")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_name(args.out)   # before a download that a bad name would waste
     fetch(args.model)
-    result = prune_to_store(args.model, args.ratio, args.out, Path(args.data) if args.data else None, args.granularity)
+    result = prune_to_store(args.model, args.ratio, args.out, [Path(d) for d in args.data or []], args.granularity)
     summary = {
         "name": result.name,
         "path": str(result.folder),

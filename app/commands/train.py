@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 
 from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES
 
@@ -20,8 +21,9 @@ from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="personalise a model on your data (PAC or LoRA)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--data",
-                   help="JSONL of chats (messages), prompt/response pairs or '### Human:' text; or a folder of .txt/.md notes")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="JSONL of chats (messages), prompt/response pairs or '### Human:' text; or a folder of .txt/.md "
+                        "notes. Repeatable: the model learns every source together (a model retrained on one forgets the other)")
     p.add_argument("--method", choices=["pac", "lora"], default="pac",
                    help="pac: parallel adapters with an activation cache (fast); lora: PEFT LoRA (mergeable)")
     p.add_argument("--model", default=None,
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     spec = JobSpec(
-        name=args.out, data=str(args.data), model=args.model or DEFAULT_MODEL, method=args.method,
+        name=args.out, data=[str(Path(d).expanduser().resolve()) for d in args.data], model=args.model or DEFAULT_MODEL, method=args.method,
         epochs=args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.method],
         quant=args.quant, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         cache=not args.no_cache, lora_rank=args.rank,

@@ -29,7 +29,7 @@ def run_federated(args, report) -> int:
                    deadline_s=args.deadline)
     spec.validate()
     fetch(spec.model)
-    local = local_data([args.data]) if args.data else None
+    local = local_data(args.data) if args.data else None
     service = MeshService(serve=False, interfaces=args.interface).start()
     try:
         peers = connect_job_peers(service, args.devices, args.wait)

@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import (
-    Button, Footer, Header, Input, Label, ProgressBar, Select, SelectionList, Sparkline, Static,
+    Button, Checkbox, Footer, Header, Input, Label, ProgressBar, Select, SelectionList, Sparkline, Static,
 )
 
 from app.messages import TrainFinished, TrainProgress
@@ -47,6 +47,7 @@ class TrainScreen(Screen):
         self._cancel = threading.Event()
         self.running = False
         self.last_status: TrainStatus | None = None
+        self._taught_file = ""       # the taught chats, once there are any (TrainService.taught_chats)
 
     def compose(self) -> ComposeResult:
         this = self.train.this_device
@@ -58,8 +59,11 @@ class TrainScreen(Screen):
             with VerticalScroll(id="train-form"):
                 yield Label("Name of the new model")
                 yield Input("family", id="name")
-                yield Label("Data: a JSONL of chats, a folder of notes, or the chats you taught")
-                yield Input(self.train.default_data(), placeholder="path to the data", id="data")
+                yield Label("Data: a folder of notes or a JSONL of chats")
+                # Retraining a model on its own notes keeps them: offered as they were.
+                before = self.train.default_sources("family")
+                yield Input(before[0] if before else "", placeholder="path to a folder or file", id="data")
+                yield Checkbox("", value=False, disabled=True, id="taught")
                 yield Label("Base model")
                 yield Select(base_models, value=with_default, allow_blank=not base_models, id="model")
                 yield Label("Method")
@@ -88,6 +92,7 @@ class TrainScreen(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "Train"
+        self._show_taught()
         self._statement()
         self._load_interrupted()
         self._load_devices()
@@ -101,12 +106,31 @@ class TrainScreen(Screen):
 
     # --- the form --------------------------------------------------------------------------
 
+    def on_screen_resume(self) -> None:
+        self._show_taught()     # answers taught in Chat since the form was last seen
+
+    def _show_taught(self) -> None:
+        """The taught answers as a second source, on by default once there are any: a model
+        trained on the notes alone would not know them, one on them alone forgets the notes."""
+        taught = self.query_one("#taught", Checkbox)
+        self._taught_file, count = self.train.taught_chats()
+        if count:
+            taught.label = f"Also the {count} answer{'s' if count != 1 else ''} you taught in Chat"
+            if taught.disabled:
+                taught.value = True
+        else:
+            taught.label = "Also the answers you teach in Chat (none yet)"
+            taught.value = False
+        taught.disabled = not count
+
     def plan(self) -> TrainPlan:
         epochs = self.query_one("#epochs", Input).value.strip()
         model = self.query_one("#model", Select).value
+        typed = self.query_one("#data", Input).value.strip()
+        taught = self.query_one("#taught", Checkbox)
         return TrainPlan(
             name=self.query_one("#name", Input).value.strip(),
-            data=self.query_one("#data", Input).value.strip(),
+            data=([typed] if typed else []) + ([self._taught_file] if taught.value and not taught.disabled else []),
             model=str(model) if model is not Select.NULL else "",
             method=str(self.query_one("#method", Select).value),
             epochs=int(epochs) if epochs.isdigit() else 0,
@@ -115,6 +139,7 @@ class TrainScreen(Screen):
         )
 
     @on(Input.Changed)
+    @on(Checkbox.Changed)
     @on(Select.Changed)
     @on(SelectionList.SelectedChanged)
     def _statement(self) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from app.services.models import require_here
 from core.errors import HearthError
 from core.paths import hearth_paths
-from training.job_defaults import DEFAULT_EPOCHS
+from training.job_defaults import DEFAULT_EPOCHS, spec_sources
 
 METHODS = {"pac": "fast parallel adapters", "lora": "LoRA adapters"}
 
@@ -31,7 +31,7 @@ METHODS = {"pac": "fast parallel adapters", "lora": "LoRA adapters"}
 @dataclass
 class TrainPlan:
     name: str
-    data: str                    # a JSONL of chats, a folder of notes, or the taught chats file
+    data: list[str]              # the sources, learnt together: JSONLs of chats, notes folders, the taught chats
     model: str
     method: str = "pac"
     epochs: int = DEFAULT_EPOCHS["pac"]    # the same for lora; what makes the household facts stick
@@ -65,7 +65,7 @@ class InterruptedJob:
     name: str
     model: str
     method: str
-    data: str
+    data: list[str]
     step: int
     epochs: int
 
@@ -74,13 +74,18 @@ class TrainCancelled(HearthError):
     pass
 
 
+def source_names(paths: list[str]) -> str:
+    """The sources as a person names them: "notes, taught.jsonl"."""
+    return ", ".join(Path(p).name for p in paths)
+
+
 def where_data_goes(plan: TrainPlan, this_device: str) -> str:
     """One plain sentence on where the training data will be, before anything starts."""
     others = [d for d in plan.devices if d != this_device]
     if not others:
-        return (f"Your data ({Path(plan.data).name or 'none chosen'}) stays on this device ({this_device}): "
+        return (f"Your data ({source_names(plan.data) or 'none chosen'}) stays on this device ({this_device}): "
                 "it is read here and nothing is sent anywhere.")
-    return (f"Your data ({Path(plan.data).name}) is read on this device; the samples each paired device "
+    return (f"Your data ({source_names(plan.data)}) is read on this device; the samples each paired device "
             f"trains on ({', '.join(others)}) are sent to it encrypted, as token ids, for this job only; "
             "nothing goes to any other machine.")
 
@@ -98,6 +103,11 @@ def pruned_base_name(name: str) -> str:
         number += 1
         candidate = f"{name}-base-{number}"
     return candidate
+
+
+def _same(path: str | Path) -> Path:
+    """A source as one file or folder, however it was typed ("~/notes", "notes/", a link)."""
+    return Path(path).expanduser().resolve()
 
 
 class TrainService:
@@ -120,11 +130,11 @@ class TrainService:
                 cancel.set()
             return self._jobs.wait_for(lambda: not self._cancels, timeout)
 
-    def replaces(self, name: str, pruning: float = 0.0, data: str = "") -> str:
+    def replaces(self, name: str, pruning: float = 0.0, data: list[str] | None = None) -> str:
         """A sentence when the job would replace personalised models: `name` (at the job's end, in
         one rename; until then it stays as it is) and, when pruning, its pruned base (at the
-        start), else "". When `name` learnt from other data than `data`, it says so: the form
-        offers the taught chats, and retraining on them alone forgot the notes it learnt before."""
+        start), else "". When `name` learnt from a source that `data` leaves out, it says so: the
+        new model will not know what was in it."""
         from training.model_store import MANIFEST
 
         if not name:
@@ -139,28 +149,39 @@ class TrainService:
             return f"A model named {here[0]} exists: pruning replaces it first."
         else:
             return ""
-        learnt = self._learnt_from(name)
-        if data and learnt and Path(learnt).expanduser() != Path(data).expanduser():
-            said += (f" It learnt from {Path(learnt).name}; this job learns from {Path(data).name} only, "
-                     "and the new model will not know what was in the other.")
+        given = {_same(p) for p in data or []}
+        left_out = [p for p in self.learnt_from(name) if _same(p) not in given]
+        if data and left_out:
+            it = "it" if len(left_out) == 1 else "them"
+            said += (f" It learnt from {source_names(left_out)} too; this job leaves {it} out, "
+                     f"and the new model will not know what was in {it}.")
         return said
 
     @staticmethod
-    def _learnt_from(name: str) -> str:
-        """The data path model `name` was trained on, from its manifest ("" if unknown)."""
+    def learnt_from(name: str) -> list[str]:
+        """The data model `name` was trained on, from its manifest ([] if unknown)."""
         from training.model_store import read_manifest
 
         try:
             details = read_manifest(hearth_paths().models_dir / name).details or {}
-        except HearthError:
-            return ""
-        spec = details.get("spec") if isinstance(details, dict) else None
-        return str(spec.get("data") or "") if isinstance(spec, dict) else ""
+            return spec_sources(details["spec"])
+        except (HearthError, KeyError, TypeError, AttributeError, ValueError):
+            return []
 
-    def default_data(self) -> str:
-        """The chats taught in the app, if there are any."""
+    def taught_chats(self) -> tuple[str, int]:
+        """The chats taught in the app (the file, how many), or ("", 0) before the first."""
         taught = hearth_paths().teach_file
-        return str(taught) if taught.is_file() else ""
+        try:
+            with open(taught, encoding="utf-8") as f:
+                return str(taught), sum(1 for line in f if line.strip())
+        except (OSError, UnicodeDecodeError):
+            return "", 0
+
+    def default_sources(self, name: str) -> list[str]:
+        """What the form offers besides the taught chats: what model `name` learnt from before,
+        so that retraining it keeps its notes."""
+        taught = _same(hearth_paths().teach_file)
+        return [p for p in self.learnt_from(name) if _same(p) != taught]
 
     def check(self, plan: TrainPlan) -> None:
         """A one-line HearthError for a plan that cannot start (before anything loads)."""
@@ -170,9 +191,10 @@ class TrainService:
             raise HearthError("name: give the new model a name")
         check_model_name(plan.name, "name")
         if not plan.data:
-            raise HearthError("data: choose a JSONL of chats or a folder of notes")
-        if not Path(plan.data).expanduser().exists():
-            raise HearthError(f"{plan.data}: no such file or folder")
+            raise HearthError("data: choose a folder of notes or a JSONL of chats (or teach answers in Chat)")
+        for path in plan.data:
+            if not Path(path).expanduser().exists():
+                raise HearthError(f"{path}: no such file or folder")
         if plan.method not in METHODS:
             raise HearthError(f"method must be one of {', '.join(METHODS)}")
         if not 1 <= plan.epochs <= 100:
@@ -199,7 +221,7 @@ class TrainService:
             try:
                 data = json.loads(meta.read_text("utf-8"))
                 spec = data["spec"]
-                found.append(InterruptedJob(spec["name"], spec["model"], spec["method"], spec["data"],
+                found.append(InterruptedJob(spec["name"], spec["model"], spec["method"], spec_sources(spec),
                                             int(data["step"]), int(spec["epochs"])))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
@@ -232,7 +254,7 @@ class TrainService:
                 model = self._prune(plan, on_status)
                 if cancel.is_set():
                     raise TrainCancelled(f"cancelled after pruning: {model} is the pruned model, not trained yet")
-            spec = JobSpec(name=plan.name, data=str(Path(plan.data).expanduser()), model=model,
+            spec = JobSpec(name=plan.name, data=[str(_same(p)) for p in plan.data], model=model,
                            method=plan.method, epochs=plan.epochs, max_steps=plan.max_steps)
         losses: list[float] = []
 
@@ -286,7 +308,7 @@ class TrainService:
         pruned = pruned_base_name(plan.name)
         on_status(TrainStatus("prune", [DeviceProgress(self.this_device, 0, 1)], [],
                               message=f"pruning {plan.pruning:.0%} of {plan.model} into {pruned}"))
-        prune_to_store(plan.model, plan.pruning, pruned, Path(plan.data).expanduser())
+        prune_to_store(plan.model, plan.pruning, pruned, [_same(p) for p in plan.data])
         return pruned
 
     def _interrupted_spec(self, name: str):
