@@ -145,3 +145,17 @@ def test_a_job_spec_saved_with_one_source_still_reads():
         JobSpec.from_dict({"name": "bad", "data": 3})
     with pytest.raises(HearthError, match="data must be a list of one or more paths"):
         JobSpec(name="bare", data="/home/notes")
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_their_text(tokenizer, tmp_path):
+    # Windows editors start UTF-8 files with a byte-order mark: the first JSON line was refused
+    # as "not valid JSON", and a note began with an invisible character the model learnt.
+    from training.data import read_sources
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "Bin day?", "response": "Tuesday."}\n')
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "garden.txt").write_bytes(b"\xef\xbb\xbfWater the tomatoes.")
+    chat, note = read_sources([chats, notes])
+    assert chat.messages[-1]["content"] == "Tuesday." and note.text == "Water the tomatoes."

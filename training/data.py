@@ -74,7 +74,8 @@ def read_conversations(path: Path) -> list[Conversation]:
     if path.suffix.lower() in NOTE_SUFFIXES:
         return _read_note_file(path)
     found = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    # utf-8-sig: files saved by Windows editors start with a byte-order mark, which is no JSON.
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
         try:
             lines = list(f)
         except UnicodeDecodeError as exc:
@@ -187,7 +188,7 @@ def _read_notes(folder: Path) -> list[Conversation]:
 
 def _read_note_file(path: Path) -> list[Conversation]:
     try:
-        text = path.read_text("utf-8")
+        text = path.read_text("utf-8-sig")     # a byte-order mark is no part of the note
     except UnicodeDecodeError as exc:
         raise HearthError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
