@@ -110,3 +110,33 @@ def test_a_model_not_on_this_device_is_refused_not_downloaded(hearth_home, tmp_p
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
     with pytest.raises(HearthError, match="smollm2-360m is not on this device yet"):
         TrainService("here").check(TrainPlan("family", [str(data)], "smollm2-360m"))
+
+
+@pytest.mark.slow
+def test_chat_answers_with_a_model_as_it_is_on_disk_after_a_retrain_or_an_export(hearth_home):
+    """Teach in Chat, retrain the active model, chat on: the chat kept the model it had loaded
+    (the old weights) until the app restarted; an export's GGUF ran only after a restart too."""
+    from app.services.chat import ChatService
+    from app.services.train import TrainPlan, TrainService
+    from core.config import load_config
+    from serving.history import History
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+    from training.engines import LlamaCppEngine
+    from training.export_gguf import export_model
+
+    def train() -> None:
+        TrainService("here").run(TrainPlan("family", [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()),
+                                           method="lora", epochs=1), lambda status: None)
+
+    train()
+    chat = ChatService(History(), load_config())
+    first = chat.engine("family")
+    assert chat.engine("family") is first                  # loaded once while nothing changes
+    train()
+    retrained = chat.engine("family")
+    assert retrained is not first
+    export_model("family", "q8_0")
+    exported = chat.engine("family")
+    assert isinstance(exported, LlamaCppEngine) and not isinstance(retrained, LlamaCppEngine)
+    assert chat.engine("family") is exported
+    chat.close()

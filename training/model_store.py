@@ -377,6 +377,20 @@ def newest_gguf(folder: Path) -> Path | None:
     return max(ggufs, key=lambda p: (p.stat().st_mtime_ns, p.name)) if ggufs else None
 
 
+def model_stamp(name: str) -> str:
+    """What changes when personalised model `name` changes on disk: a retrain renames a new
+    folder into its place, an export adds the GGUF it then runs as. A chat that loaded it
+    before loads it again (it answered with the old model until the app restarted). "" for a
+    model that is not a personalised one."""
+    folder = hearth_paths().models_dir / name
+    try:
+        manifest = (folder / MANIFEST).stat()
+    except (OSError, ValueError):
+        return ""
+    newest = newest_gguf(folder)
+    return f"{manifest.st_ino}:{manifest.st_mtime_ns}:{newest.name if newest else ''}"
+
+
 def gguf_path(ref: ModelRef) -> Path:
     """The GGUF file llama.cpp should load for this reference."""
     if ref.kind == "gguf" and ref.path is not None:

@@ -227,7 +227,11 @@ class TrainScreen(Screen):
 
         try:
             name = self.train.run(plan, on_status, cancel, resume=resume)
-            self.post_message(TrainFinished(True, f"Model {name} is ready: set it active in Models (F4)."))
+            if name == self.models.active_model:
+                said = f"Model {name} is ready: Chat answers with it from the next answer."
+            else:
+                said = f"Model {name} is ready: set it active in Models (F4)."
+            self.post_message(TrainFinished(True, said))
         except Exception as exc:  # noqa: BLE001 - cancelled or failed: the message says which
             self.post_message(TrainFinished(False, str(exc) or type(exc).__name__))
 

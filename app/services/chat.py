@@ -17,6 +17,7 @@ from app.services.models import require_here
 from core.config import Config
 from serving.history import Conversation, History, Message
 from training.engines import ChatEngine, ChatMessage, SamplingSettings
+from training.model_store import model_stamp
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ChatService:
         self._open = open_engine
         self._engine: ChatEngine | None = None
         self._engine_model = ""
+        self._engine_stamp = ""          # model_store.model_stamp of the loaded model
         self._engine_lock = threading.Lock()
         # Streams in progress: close() stops them and waits before freeing the engine (freeing
         # llama.cpp's context under a running decode would crash the process).
@@ -95,13 +97,15 @@ class ChatService:
         return SamplingSettings.from_config(self._chat)
 
     def engine(self, model: str) -> ChatEngine:
-        """The engine for `model`, loading it (seconds) unless it is the one already loaded."""
+        """The engine for `model`, loading it (seconds) unless it is the one already loaded, as
+        it is on disk now (retrained or exported since: loaded again)."""
         with self._engine_lock:
             if self._closed:
                 from core.errors import HearthError
 
                 raise HearthError("the chat service is closed")
-            if self._engine is None or self._engine_model != model:
+            stamp = model_stamp(model)
+            if self._engine is None or (self._engine_model, self._engine_stamp) != (model, stamp):
                 if self._engine is not None:
                     self._engine.close()
                     self._engine = None
@@ -111,7 +115,7 @@ class ChatService:
 
                     require_here(model)
                 self._engine = opener(model, int(self._chat["context_length"]), int(self._chat["threads"]))
-                self._engine_model = model
+                self._engine_model, self._engine_stamp = model, stamp
             return self._engine
 
     @property
