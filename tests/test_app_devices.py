@@ -248,3 +248,53 @@ async def test_bad_private_data_is_named_and_the_app_still_works(hearth_home, st
         await wait_until(pilot, lambda: "diary.jsonl:2" in str(app.screen.query_one("#devices-status").render()),
                          30, "the error naming file and line")
         assert "No private data" in str(app.screen.query_one("#private-data").render())
+
+
+@run_async
+async def test_private_data_is_offered_and_withdrawn_from_the_devices_screen(hearth_home, stories_gguf, tmp_path):
+    """The app's `hearth worker --data`: a family member offers her notes to federated jobs from
+    the Devices screen (it was a config key to edit by hand). Checked first: a bad line is named
+    and nothing changes. The running device's federated parts see the change at once (a job
+    asks `fed.info` first: how many conversations, never the text)."""
+    from core.config import load_config
+    from mesh.handlers import Request
+    from mesh.transport import PeerInfo
+    from tests.training_helpers import HOUSEHOLD
+    from textual.widgets import Input
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf), mesh={"name": "living-room", "interfaces": ["127.0.0.1"]})
+    bad = tmp_path / "diary.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n', "utf-8")
+    app = make_app(start_mesh=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await wait_until(pilot, lambda: app.services.devices.port, 30, "the mesh")
+        await pilot.press("f2")
+        await pilot.pause()
+
+        def statement() -> str:
+            return str(app.screen.query_one("#private-data").render())
+
+        def fed_info() -> dict:
+            handler = app.services.devices._mesh.agent.handlers._handlers["fed.info"].fn
+            return handler(Request("fed.info", {}, PeerInfo("peer-id", "kitchen", b"", "127.0.0.1"))).fields
+
+        assert "No private data" in statement()
+
+        async def offer(path) -> None:
+            box = app.screen.query_one("#private-path", Input)
+            box.focus()
+            box.value = str(path)
+            await pilot.press("enter")
+
+        await offer(bad)
+        await wait_until(pilot, lambda: any("diary.jsonl:2" in str(n.message) for n in app._notifications),
+                         30, "the error naming file and line")
+        assert load_config().get("mesh.private_data") == [] and fed_info()["examples"] == 0
+        await offer(HOUSEHOLD / "train.jsonl")
+        await wait_until(pilot, lambda: "20 conversations" in statement(), 30, "the private data statement")
+        assert load_config().get("mesh.private_data") == [str(HOUSEHOLD / "train.jsonl")]
+        assert fed_info() == {"examples": 20, "sources": 1}
+        app.screen.action_withdraw_private()
+        await wait_until(pilot, lambda: "No private data" in statement(), 30, "the data withdrawn")
+        assert load_config().get("mesh.private_data") == [] and fed_info()["examples"] == 0

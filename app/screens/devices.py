@@ -49,6 +49,8 @@ class DevicesScreen(Screen):
             yield DataTable(id="device-table", cursor_type="row", zebra_stripes=True)
             yield Static("", id="devices-status")
             yield Static("", id="private-data")
+            yield Input(placeholder="Offer your own data to federated jobs (a notes folder or a JSONL of chats), Enter",
+                        id="private-path")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -65,6 +67,8 @@ class DevicesScreen(Screen):
             ("Devices: pair the selected device", "compare a 6-digit code on both devices", self.action_pair),
             ("Devices: unpair the selected device", "it can no longer train with this one", self.action_unpair),
             ("Devices: refresh", "list the devices again", self.action_refresh),
+            ("Devices: stop offering private data", "federated jobs no longer train on this device's data",
+             self.action_withdraw_private),
         ]
 
     def action_refresh(self) -> None:
@@ -106,6 +110,32 @@ class DevicesScreen(Screen):
             self.query_one("#devices-status", Static).update(f"Asking {event.value.strip()} who it is…")
             self._add(event.value.strip())
             event.input.value = ""
+
+    @on(Input.Submitted, "#private-path")
+    def _offer_private(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.query_one("#private-data", Static).update(f"Reading {event.value.strip()}…")
+            self._offer(event.value.strip())
+            event.input.value = ""
+
+    @work(thread=True, exit_on_error=False, group="private")
+    def _offer(self, path: str) -> None:
+        try:
+            self.devices.offer_private_data(path)
+            self.post_message(TaskDone("private", "Offered to federated jobs; it stays on this device."))
+        except Exception as exc:  # noqa: BLE001 - a HearthError names the file and line
+            self.post_message(TaskDone("private", "", str(exc) or type(exc).__name__))
+
+    def action_withdraw_private(self) -> None:
+        self._withdraw()
+
+    @work(thread=True, exit_on_error=False, group="private")
+    def _withdraw(self) -> None:
+        try:
+            self.devices.withdraw_private_data()
+            self.post_message(TaskDone("private", "Federated jobs no longer train on this device's data."))
+        except Exception as exc:  # noqa: BLE001
+            self.post_message(TaskDone("private", "", str(exc) or type(exc).__name__))
 
     @work(thread=True, exit_on_error=False, group="add")
     def _add(self, address: str) -> None:

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -134,11 +135,37 @@ class DevicesService:
             self.error = f"private data not used: {exc}"
         register_job_parts(agent, None, self.private)
 
+    def offer_private_data(self, path: str) -> None:
+        """Offer `path` (a notes folder or a JSONL of chats) to federated jobs from now on, as
+        `hearth worker --data` does: checked first (a bad line is named, and nothing changes),
+        then kept in the config's mesh.private_data. Reads the files: call it from a worker."""
+        from core.config import load_config, set_value
+        from training.part_fields import local_data
+
+        paths = [*load_config().get("mesh.private_data"), str(Path(path).expanduser().resolve())]
+        found = local_data(paths)          # every source, the new one with the others
+        set_value("mesh.private_data", paths)
+        self._now_offered(found)
+
+    def withdraw_private_data(self) -> None:
+        """Offer no data to federated jobs any more (the files themselves are untouched)."""
+        from core.config import set_value
+        from training.part_fields import LocalData
+
+        set_value("mesh.private_data", [])
+        self._now_offered(LocalData())
+
+    def _now_offered(self, found: Any) -> None:
+        # In place: the federated parts registered at start hold this object, and a job opened
+        # from now on reads what it holds now.
+        self.private.paths[:] = found.paths
+        self.private.conversations = found.conversations
+
     def private_data_statement(self) -> str:
         """What this device offers federated jobs, in words (a count, never the text)."""
         if not self.private.paths:
-            return ("No private data on this device. Add files or folders to mesh.private_data in the "
-                    "config for federated jobs to train on here, without sending them anywhere.")
+            return ("No private data on this device. Offer a notes folder or a JSONL of chats below for "
+                    "federated jobs to train on here, without sending it anywhere.")
         names = ", ".join(p.name for p in self.private.paths)
         return (f"Private data on this device: {self.private.conversations} conversations ({names}). "
                 "Federated jobs train on it here; it is never sent to another device.")
