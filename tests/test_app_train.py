@@ -230,7 +230,7 @@ async def test_the_form_trains_the_notes_and_the_taught_answers_together(hearth_
             return str(screen.query_one("#data-statement", Static).render())
 
         box = screen.query_one("#taught", Checkbox)
-        assert box.value and str(box.label) == "Also the 2 answers you taught in Chat"
+        assert box.value and str(box.label) == "Also the 2 answers taught in Chat"
         assert "Your data (train.jsonl, taught.jsonl) stays on this device" in statement()
         assert "A model named family exists" in statement() and "learnt from" not in statement()
         screen.query_one("#data", Input).value = ""
@@ -246,7 +246,7 @@ async def test_the_form_trains_the_notes_and_the_taught_answers_together(hearth_
         await pilot.pause()
         await pilot.press("f3")
         await pilot.pause()
-        assert str(box.label) == "Also the 3 answers you taught in Chat" and not box.value
+        assert str(box.label) == "Also the 3 answers taught in Chat" and not box.value
         box.value = True
         screen.query_one("#data", Input).value = household
         await pilot.pause()
@@ -270,7 +270,7 @@ async def test_the_form_on_a_first_run_offers_no_data_and_says_what_to_choose(he
         await pilot.pause()
         box = app.screen.query_one("#taught", Checkbox)
         assert box.disabled and not box.value
-        assert str(box.label) == "Also the answers you teach in Chat (none yet)"
+        assert str(box.label) == "Also answers taught in Chat (none yet)"
         assert app.screen.query_one("#data", Input).value == ""
         await pilot.press("ctrl+g")
         await pilot.pause()

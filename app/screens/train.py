@@ -115,11 +115,11 @@ class TrainScreen(Screen):
         taught = self.query_one("#taught", Checkbox)
         self._taught_file, count = self.train.taught_chats()
         if count:
-            taught.label = f"Also the {count} answer{'s' if count != 1 else ''} you taught in Chat"
+            taught.label = f"Also the {count} answer{'s' if count != 1 else ''} taught in Chat"
             if taught.disabled:
                 taught.value = True
         else:
-            taught.label = "Also the answers you teach in Chat (none yet)"
+            taught.label = "Also answers taught in Chat (none yet)"
             taught.value = False
         taught.disabled = not count
 
