@@ -159,3 +159,17 @@ def test_files_saved_with_a_byte_order_mark_read_as_their_text(tokenizer, tmp_pa
     (notes / "garden.txt").write_bytes(b"\xef\xbb\xbfWater the tomatoes.")
     chat, note = read_sources([chats, notes])
     assert chat.messages[-1]["content"] == "Tuesday." and note.text == "Water the tomatoes."
+
+
+def test_a_note_in_another_encoding_is_named_with_what_to_do(tmp_path):
+    from core.errors import HearthError
+    from training.data import read_sources
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "garden.md").write_text("Water the tomatoes.", "utf-8")
+    (notes / "old.txt").write_bytes("Crème brûlée for Sunday".encode("cp1252"))
+    with pytest.raises(HearthError) as caught:
+        read_sources([notes])
+    assert str(caught.value).startswith(f"{notes / 'old.txt'}: not UTF-8 text (")
+    assert str(caught.value).endswith("save it as UTF-8, or move it out of the folder")

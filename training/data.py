@@ -79,7 +79,7 @@ def read_conversations(path: Path) -> list[Conversation]:
         try:
             lines = list(f)
         except UnicodeDecodeError as exc:
-            raise HearthError(f"{path}: not UTF-8 text ({exc.reason})") from None
+            raise HearthError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -190,7 +190,9 @@ def _read_note_file(path: Path) -> list[Conversation]:
     try:
         text = path.read_text("utf-8-sig")     # a byte-order mark is no part of the note
     except UnicodeDecodeError as exc:
-        raise HearthError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        # Named with what to do: one old note in another encoding stops a whole folder.
+        raise HearthError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8, "
+                          "or move it out of the folder") from None
     except OSError as exc:
         raise HearthError(f"{path}: cannot read ({exc.strerror})") from None
     if not text.strip():
