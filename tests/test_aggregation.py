@@ -122,3 +122,15 @@ def test_mismatched_modules_are_a_clear_error():
 def test_weighted_average_of_heads():
     out = weighted_average([torch.zeros(2), torch.ones(2)], [1.0, 3.0])
     assert out.tolist() == pytest.approx([0.75, 0.75])
+
+
+def test_a_slot_a_lower_rank_device_lacks_can_count_as_unchanged():
+    previous = {"m": LoraFactors(torch.full((4, 3), 2.0), torch.full((5, 4), 2.0))}
+    low = LoraUpdate({"m": LoraFactors(torch.zeros(2, 3), torch.zeros(5, 2))})
+    high = LoraUpdate({"m": LoraFactors(torch.full((4, 3), 4.0), torch.full((5, 4), 4.0))})
+    zero_padded = aggregate_lora([low, high], previous=previous, weights=[1.0, 1.0])["m"]
+    unchanged = aggregate_lora([low, high], previous=previous, weights=[1.0, 1.0], lacking_keep_previous=True)["m"]
+    assert torch.allclose(zero_padded.a[2:], torch.full((2, 3), 2.0))     # (0 + 4) / 2
+    assert torch.allclose(unchanged.a[2:], torch.full((2, 3), 3.0))       # (2 + 4) / 2
+    assert torch.allclose(unchanged.b[:, 2:], torch.full((5, 2), 3.0))
+    assert torch.equal(unchanged.a[:2], zero_padded.a[:2])                # slots both had: as before

@@ -117,3 +117,12 @@ def test_slow_device_learns_to_prune_more():
                                   round_time_s=seconds, mean_round_time_s=100))
     best = bandit.best()
     assert best.ratio >= 0.45 and best.rank <= 6
+
+
+def test_select_only_among_allowed_cells():
+    bandit = SmoothUCB(BanditConfig(grid_ratios=2, grid_ranks=2, split_after=100), seed=0)
+    for _ in range(8):
+        arm = bandit.select(lambda cell: cell.rank_hi <= 9)
+        assert arm.rank <= 9
+        bandit.update(arm, 1.0)
+    assert bandit.select(lambda cell: False).cell_id in {c.id for c in bandit.cells}   # none allowed: all

@@ -107,6 +107,7 @@ def aggregate_lora(
     updates: list[LoraUpdate],
     previous: dict[str, LoraFactors] | None = None,
     weights: list[float] | None = None,
+    lacking_keep_previous: bool = False,
 ) -> dict[str, LoraFactors]:
     """The global LoRA state at the round's largest rank.
 
@@ -125,6 +126,14 @@ def aggregate_lora(
         if previous is not None and module in previous:
             rank = max(rank, previous[module].rank)
         padded = [pad_rank(u.factors[module], rank) for u in updates]
+        if lacking_keep_previous and previous is not None and module in previous:
+            # A slot a lower-rank device lacks counts as "no change" from it (its previous value),
+            # rather than as a zero that pulls the slot towards zero whenever such a device takes part.
+            full = pad_rank(previous[module], rank)
+            for p, u in zip(padded, updates):
+                r = u.factors[module].rank
+                p.a[r:] = full.a[r:].to(p.a.dtype)
+                p.b[:, r:] = full.b[:, r:].to(p.b.dtype)
         shapes = {(p.a.shape[1], p.b.shape[0]) for p in padded}
         if len(shapes) != 1:
             raise HearthError(f"aggregation: module {module} has different shapes across devices {sorted(shapes)}")

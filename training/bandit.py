@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from core.errors import HearthError
 
@@ -156,8 +156,9 @@ class SmoothUCB:
     def cells(self) -> list[Cell]:
         return self.state.cells
 
-    def select(self) -> Arm:
-        """The cell with the highest upper confidence bound (never-pulled cells first)."""
+    def select(self, allowed: Callable[[Cell], bool] | None = None) -> Arm:
+        """The cell with the highest upper confidence bound (never-pulled cells first), among the
+        cells `allowed` accepts (default all; if it accepts none, all)."""
         t = max(self.state.t, 1)
 
         def bound(cell: Cell) -> float:
@@ -165,10 +166,14 @@ class SmoothUCB:
                 return math.inf
             return cell.mean + math.sqrt(2.0 * math.log(t) / cell.pulls)
 
-        bounds = [bound(c) for c in self.cells]
+        cells = [c for c in self.cells if allowed is None or allowed(c)] or self.cells
+        bounds = [bound(c) for c in cells]
         top = max(bounds)
-        candidates = [c for c, b in zip(self.cells, bounds) if b == top]
+        candidates = [c for c, b in zip(cells, bounds) if b == top]
         return self.rng.choice(candidates).arm(self.config)
+
+    def cell(self, cell_id: int) -> Cell | None:
+        return next((c for c in self.cells if c.id == cell_id), None)
 
     def update(self, arm: Arm, value: float) -> None:
         """Record the reward of `arm`; refine its cell once it has been pulled often enough."""

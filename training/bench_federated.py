@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run this many seeds (SEED, SEED+1, ...) and report their means: one seed's "
                              "differences of a few points are noise (default 1)")
     parser.add_argument("--reward", metavar="W1,W2,W3,W4",
-                        help="FedSpine's reward weights: loss drop, sparsity, update norm, time (default 1,0.5,0.1,1)")
+                        help="the per-device bandits' reward weights: loss drop, sparsity, update norm, time "
+                             "(default 1,0.5,0.1,1); the simulated FedSpine plans its rounds with a shared "
+                             "bandit rewarded by the global loss instead, so these no longer change it")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CLINC150 clinc150_train_val.json")
     parser.add_argument("--plot", type=Path, help="write accuracy vs simulated time to this PNG")
 
@@ -179,6 +181,9 @@ def report_dict(report, plot: Path | None = None) -> dict:
         "seed": config.seed,
         "target_sparsity": config.target_sparsity,
         "reward_weights": asdict(config.reward),
+        "fedspine_policy": ("planned rounds: per-device time model, round length = slowest device's fastest "
+                            "option, one S-UCB shared by all devices rewarded by the global loss drop "
+                            "(reward_weights apply only to per-device bandits, unused here)"),
         "fleet": [asdict(c) for c in config.fleet],
         "model": (f"small Llama-style encoder (real training): {config.layers} layers, d={config.hidden}, "
                   f"{config.heads} heads, {config.channels} SwiGLU channels, word vocabulary {config.vocab_size}, "

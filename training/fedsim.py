@@ -22,7 +22,9 @@ transformers/PEFT models and would rebuild a model per device per round; a maske
 contributes exactly zero (and gets zero gradient), and the clock charges only the kept units.
 
 Methods (one run, same devices, data, sampled clients and seed):
-- fedspine: S-UCB per device over (ratio, rank), ratio at least the schedule's sparsity;
+- fedspine: planned rounds (training/fedspine.py): a time model from each device's reports, the
+  round length T, and one S-UCB over (pruning beyond the schedule, rank) shared by all devices,
+  rewarded by the global model's loss drop, choosing each device's cell within T;
 - hetlora: no pruning, fixed heterogeneous ranks by device class (HetLoRA-style);
 - uniform: every device the schedule's sparsity and one fixed rank (no bandit);
 - random: a random (ratio >= schedule, rank) per device per round.
@@ -54,6 +56,7 @@ from training.fedspine import (
     Importance,
     KeepMask,
     ModuleUnits,
+    RoundCost,
     UnitLayout,
     sparsity_at,
 )
@@ -476,6 +479,21 @@ def make_fleet(config: SimConfig) -> list[VirtualDevice]:
     return fleet
 
 
+def round_cost(config: SimConfig) -> RoundCost:
+    """The clock's work and bytes as the coordinator's linear time model (exact for this clock,
+    but for the latency, which the link rate absorbs)."""
+    cost = config.cost
+    samples = config.local_steps * config.batch_size
+    flops = lambda heads, channels: samples * cost.train_flops_per_sample(heads, channels)
+    up = lambda heads, channels: cost.lora_bytes(1, heads, channels)
+    return RoundCost(
+        fixed_work=flops(0, 0), head_work=flops(1, 0) - flops(0, 0), channel_work=flops(0, 1) - flops(0, 0),
+        fixed_bytes=2 * cost.head_bytes(),
+        rank_bytes=cost.lora_bytes(1, 1.0, 1.0) + up(0, 0),     # the download is never pruned
+        rank_head_bytes=up(1, 0) - up(0, 0), rank_channel_bytes=up(0, 1) - up(0, 0),
+    )
+
+
 def device_round_seconds(device: VirtualDevice, keep: KeepMask, rank: int, config: SimConfig) -> tuple[float, float]:
     """(compute, transfer) seconds of one round on the simulated clock."""
     cost = config.cost
@@ -558,7 +576,9 @@ def run_method(method: str, model: TinyLlama, data: FleetData, fleet: list[Virtu
     fed = FedSpineConfig(target_sparsity=config.target_sparsity if pruning else 0.0, warmup_rounds=config.warmup_rounds,
                          ramp_rounds=config.ramp_rounds, quorum=1.0, bandit=bandit)
     head = {"weight": torch.zeros(len(data.intents), config.hidden), "bias": torch.zeros(len(data.intents))}
-    server = FedSpineServer(fed, layout_for(model), initial_lora(model, 16, config.seed), head, seed=config.seed)
+    # FedSpine's coordinator predicts each device's time from its reports (the baselines need no plan).
+    cost = round_cost(config) if method == "fedspine" else None
+    server = FedSpineServer(fed, layout_for(model), initial_lora(model, 16, config.seed), head, seed=config.seed, cost=cost)
     rng = random.Random(config.seed + 7)
     choice_rng = random.Random(config.seed + 11)
     clock = 0.0

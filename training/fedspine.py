@@ -9,6 +9,14 @@ the round at its deadline or as soon as a quorum has reported, whichever is firs
 arrive later, for another round, twice, or from devices not in the round change nothing in the
 model (a late report still teaches that device's bandit how slow the arm was).
 
+- Planned rounds (when the server is given a `RoundCost`, as the simulator's FedSpine is): each
+  report gives the device's compute and link rates, so the time of every (ratio, rank) it has not
+  played is predicted; the round length T is the slowest device's fastest option at the schedule;
+  one S-UCB bandit shared by all devices (over pruning beyond the schedule x rank) picks each
+  device's cell among those it finishes within T, and is rewarded by the global model's progress
+  (the drop in the devices' loss before training from one round to the next), not by a device's
+  own loss or time. Without a `RoundCost` (the mesh coordinator today) each device's own bandit
+  chooses, as below.
 - Sparsity schedule: the target is reached over `ramp_rounds` rounds after `warmup_rounds`
   (cubic, as in gradual magnitude pruning: fast early, gentle near the target). A device prunes at
   least the scheduled sparsity; its bandit may choose more to finish faster, but only a device
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +47,57 @@ import torch
 from core.atomic import atomic_dir
 from core.errors import HearthError
 from training.aggregation import LoraFactors, LoraUpdate, aggregate_lora, truncate_update, weighted_average
-from training.bandit import Arm, BanditConfig, BanditState, RewardWeights, SmoothUCB, reward
+from training.bandit import Arm, BanditConfig, BanditState, Cell, RewardWeights, SmoothUCB, reward
 
 CHECKPOINT_VERSION = 1
 # A device whose last round took less than this fraction of its round's mean time prunes only to
 # the schedule: 20 devices x 3 seeds, this took FedSpine's final accuracy from 25.5% to 27.9% at
 # the same round length (docs/federated.md).
 FAST_RELATIVE_TIME = 1.0
+# With a time model (`RoundCost`) and the shared quality bandit (docs/federated.md, 2026-12-05):
+# a device not yet measured plays only cells whose lowest rank is at most this, at that lowest
+# rank: its time is unknown until it reports, and rank 16 over a 5 Mbit/s link doubles a round.
+UNMEASURED_RANK = 8
+# The lowest rank the planner gives a slow device: ranks 2 / 4 / 8 cost 2.3 / 0.6 / 0.2 points
+# against uniform pruning for rounds of 34 / 38 / 45 s (3 seeds), so 4.
+MIN_PLANNED_RANK = 4
+# How far beyond the schedule the quality bandit may prune; a cell plays its least pruning (0 or
+# 0.05): pruning 0.05-0.15 beyond it cost about 2 points (3 seeds).
+MAX_EXTRA_RATIO = 0.1
+# The quality signal's mean and spread are EMAs with this weight on the old value: the global
+# loss falls fast in the first rounds and slowly later, so a drop is judged against recent ones.
+GAIN_EMA = 0.8
+
+
+@dataclass
+class RoundCost:
+    """What one round asks of a device, linear in its kept fractions and its rank ([spec]).
+
+    The coordinator knows the model's shapes and the bytes of every rank it sends and receives, so
+    one report (compute and transfer seconds) gives a device's compute and link rates, and from
+    them the time of every (ratio, rank) it has not played. Units are the caller's (FLOPs, bytes).
+    """
+
+    fixed_work: float = 0.0            # compute that pruning does not remove (k, v, embeddings)
+    head_work: float = 0.0             # compute proportional to the kept fraction of heads
+    channel_work: float = 0.0          # ... of MLP channels
+    fixed_bytes: float = 0.0           # transferred whatever the rank, both ways (a classifier head)
+    rank_bytes: float = 0.0            # per unit of rank, both ways, not shrunk by pruning
+    rank_head_bytes: float = 0.0       # per unit of rank, proportional to the kept heads (the upload)
+    rank_channel_bytes: float = 0.0    # ... to the kept channels
+
+    def work(self, head_keep: float, channel_keep: float) -> float:
+        return self.fixed_work + self.head_work * head_keep + self.channel_work * channel_keep
+
+    def bytes(self, rank: int, head_keep: float, channel_keep: float) -> float:
+        per_rank = self.rank_bytes + self.rank_head_bytes * head_keep + self.rank_channel_bytes * channel_keep
+        return self.fixed_bytes + rank * per_rank
+
+
+@dataclass
+class DeviceRates:
+    compute: float                     # RoundCost work per second
+    link: float                        # bytes per second (latency folded in)
 
 
 @dataclass
@@ -180,10 +233,11 @@ def module_masks(layout: UnitLayout, keep: KeepMask) -> tuple[dict[str, torch.Te
 
 
 class FedSpineServer:
-    """The coordinator's state across rounds: global LoRA, importance, one bandit per device."""
+    """The coordinator's state across rounds: global LoRA, importance, one bandit per device (or,
+    with a `RoundCost`, the devices' rates and one quality bandit shared by all)."""
 
     def __init__(self, config: FedSpineConfig, layout: UnitLayout, lora: dict[str, LoraFactors],
-                 dense: dict[str, torch.Tensor] | None = None, seed: int = 0):
+                 dense: dict[str, torch.Tensor] | None = None, seed: int = 0, cost: RoundCost | None = None):
         config.validate()
         self.config = config
         self.layout = layout
@@ -198,6 +252,17 @@ class FedSpineServer:
         self.bandits: dict[str, SmoothUCB] = {}
         self.seed = seed
         self._open: dict[str, RoundPlan] = {}
+        # With a time model the round is planned (`_plan_timed`): each device's rates from its last
+        # report, and one quality bandit shared by all devices, rewarded by the global model's
+        # progress. Without one (None), each device's own bandit chooses (`plan_round`).
+        self.cost = cost
+        self.rates: dict[str, DeviceRates] = {}
+        self.quality = SmoothUCB(self._quality_config(), seed=seed + 7919)
+        # The arms the last round's accepted devices played and the global model's loss they
+        # measured on receiving it: the next round's loss before training tells what they did.
+        self.credit: dict[str, Any] = {"cells": [], "loss": None}
+        self.gain_mean: float | None = None   # EMA of the round-to-round gain of that loss
+        self.gain_var = 0.0
 
     # --- planning ---
 
@@ -218,6 +283,8 @@ class FedSpineServer:
         """Open the next round for `devices`; `fixed` overrides a device's arm (baselines)."""
         if not devices:
             raise HearthError("fedspine: a round needs at least one device")
+        if self.cost is not None and not fixed:
+            return self._plan_timed(devices)
         floor = sparsity_at(self.round, self.config)
         plans = []
         for device in devices:
@@ -234,6 +301,121 @@ class FedSpineServer:
             ))
         self._open = {p.device: p for p in plans}
         return plans
+
+    def _quality_config(self) -> BanditConfig:
+        """The shared bandit's box: pruning beyond the schedule (0 to MAX_EXTRA_RATIO) x rank."""
+        b = self.config.bandit
+        extra = max(0.0, min(MAX_EXTRA_RATIO, b.ratio_max))
+        rank_min = min(b.rank_max, max(b.rank_min, MIN_PLANNED_RANK))
+        return BanditConfig(ratio_min=0.0, ratio_max=extra, rank_min=rank_min, rank_max=b.rank_max,
+                            grid_ratios=b.grid_ratios, grid_ranks=b.grid_ranks, split_after=b.split_after,
+                            min_ratio_width=b.min_ratio_width, min_rank_width=b.min_rank_width, weights=b.weights)
+
+    def keep_fractions(self, ratio: float) -> tuple[float, float]:
+        """The kept fractions of heads and of channels at `ratio` (counts are whole units)."""
+        heads = keep_count(self.layout.heads, ratio, self.config.min_heads) / self.layout.heads
+        return heads, keep_count(self.layout.channels, ratio, 1) / self.layout.channels
+
+    def predicted_seconds(self, device: str, ratio: float, rank: int) -> float:
+        """The device's round time at (ratio, rank) from its measured rates (inf if unmeasured)."""
+        rates = self.rates.get(device)
+        return math.inf if rates is None or self.cost is None else self._seconds(rates, ratio, rank)
+
+    def round_length(self, devices: list[str]) -> float:
+        """The planned round length T: the slowest device's fastest option at the schedule (the
+        quality bandit's lowest rank, no pruning beyond the schedule). A synchronous round cannot
+        be shorter, and a device finishing before it gains nothing by finishing sooner. A device
+        not yet measured counts at the median measured rates (a guess; inf before any report)."""
+        floor, rank_min = self._floor(), self.quality.config.rank_min
+        times = [self.predicted_seconds(d, floor, rank_min) for d in devices if d in self.rates]
+        if len(times) < len(devices):
+            if not self.rates:
+                return math.inf
+            median = DeviceRates(statistics.median(r.compute for r in self.rates.values()),
+                                 statistics.median(r.link for r in self.rates.values()))
+            times.append(self._seconds(median, floor, rank_min))
+        return max(times)
+
+    def _seconds(self, rates: DeviceRates, ratio: float, rank: int) -> float:
+        heads, channels = self.keep_fractions(ratio)
+        return self.cost.work(heads, channels) / rates.compute + self.cost.bytes(rank, heads, channels) / rates.link
+
+    def _floor(self) -> float:
+        # Warmup rounds train every unit, so importance is first gathered over all of them.
+        return 0.0 if self.round < self.config.warmup_rounds else sparsity_at(self.round, self.config)
+
+    def _plan_timed(self, devices: list[str]) -> list[RoundPlan]:
+        """Each device plays the quality bandit's best-bound cell among those it can play within T:
+        the cell's least pruning beyond the schedule, at the highest of its ranks that the device
+        finishes within T (a device not yet measured: the cell's lowest rank, at most UNMEASURED_RANK)."""
+        floor, pruning = self._floor(), self.round >= self.config.warmup_rounds
+        limit = self.round_length(devices) * (1 + 1e-9)
+        plans = []
+        for device in devices:
+            def ranks(cell: Cell) -> list[int]:
+                """The ranks of `cell` this device may play, highest first (none: not playable)."""
+                lo, hi = _cell_ranks(cell, self.quality.config)
+                if device not in self.rates:
+                    return [lo] if lo <= UNMEASURED_RANK else []
+                ratio = self._cell_ratio(cell, floor, pruning)
+                return [k for k in range(hi, lo - 1, -1) if self.predicted_seconds(device, ratio, k) <= limit]
+
+            arm = self.quality.select(lambda cell: bool(ranks(cell)))
+            cell = self.quality.cell(arm.cell_id)
+            # No playable cell (T is the slowest device's lowest rank, so only by rounding): its lowest.
+            rank = (ranks(cell) or [_cell_ranks(cell, self.quality.config)[0]])[0]
+            ratio = self._cell_ratio(cell, floor, pruning)
+            plans.append(RoundPlan(
+                round=self.round, device=device, arm=Arm(arm.cell_id, arm.ratio, rank), ratio=ratio, rank=rank,
+                keep=self.consensus_mask(ratio), lora=truncate_update(self.lora, rank),
+                dense={k: v.clone() for k, v in self.dense.items()},
+            ))
+        self._open = {p.device: p for p in plans}
+        return plans
+
+    def _cell_ratio(self, cell: Cell, floor: float, pruning: bool) -> float:
+        """A cell prunes its least beyond the schedule (none during warmup)."""
+        return min(self.config.bandit.ratio_max, floor + cell.ratio_lo) if pruning else 0.0
+
+    def _learn_rates(self, report: DeviceReport, plan: RoundPlan) -> None:
+        heads = float(report.keep.heads.float().mean())
+        channels = float(report.keep.channels.float().mean())
+        self.rates[report.device] = DeviceRates(
+            compute=self.cost.work(heads, channels) / max(report.compute_s, 1e-6),
+            link=self.cost.bytes(plan.rank, heads, channels) / max(report.transfer_s, 1e-6),
+        )
+
+    def _credit_quality(self, accepted: list[DeviceReport], plans: dict[str, RoundPlan]) -> None:
+        """Reward the cells the previous round played with the global model's progress.
+
+        The loss before training of this round's devices is the global model's loss on fresh
+        batches of their own data: its drop from the previous round's is what that round's
+        aggregate did for everyone (a shared, global signal, unlike a device's loss on the batch
+        it just trained on). The drop is centred and scaled by EMAs of recent drops, so that the
+        early rounds' large ones do not make every early cell look good.
+        """
+        if not accepted:
+            return
+        weight = sum(r.samples for r in accepted) or len(accepted)
+        loss = sum(r.loss_before * (r.samples or 1) for r in accepted) / weight
+        previous = self.credit.get("loss")
+        if previous is not None:
+            gain = previous - loss
+            if self.gain_mean is not None and self.gain_var > 0:
+                value = (gain - self.gain_mean) / math.sqrt(self.gain_var)
+                for cell_id, ratio, rank in self.credit["cells"]:
+                    self.quality.update(Arm(int(cell_id), float(ratio), int(rank)), value)
+            if self.gain_mean is None:
+                self.gain_mean = gain
+            else:
+                deviation = gain - self.gain_mean
+                self.gain_mean += (1 - GAIN_EMA) * deviation
+                self.gain_var = GAIN_EMA * (self.gain_var + (1 - GAIN_EMA) * deviation * deviation)
+        # Warmup rounds prune nothing, so their cells' ratios were not played: not credited.
+        played = self.round >= self.config.warmup_rounds
+        self.credit = {"cells": [[plans[r.device].arm.cell_id, plans[r.device].arm.ratio, plans[r.device].rank]
+                                 for r in accepted if played and plans[r.device].arm.cell_id >= 0],
+                       "loss": loss}
 
     # --- closing a round ---
 
@@ -272,9 +454,17 @@ class FedSpineServer:
         norms = [_update_norm(r, plans[r.device]) for r in accepted]
         mean_norm = sum(norms) / len(norms) if norms and sum(norms) > 0 else 1.0
         weights = config.bandit.weights
+        if self.cost is not None:
+            # Planned rounds: the time model learns each reporting device's rates, and the shared
+            # quality bandit is credited; the per-device bandits are not used.
+            for r in accepted + late:
+                self._learn_rates(r, plans[r.device])
+            self._credit_quality(accepted, plans)
         for r, norm in zip(accepted, norms):
             plan = plans[r.device]
             self.last_relative_time[r.device] = (r.finished_at_s - opened_at_s) / mean_time
+            if self.cost is not None:
+                continue
             self.bandit(r.device).update(plan.arm, reward(
                 weights, loss_before=r.loss_before, loss_after=r.loss_after,
                 sparsity_gained=plan.ratio, update_norm=norm / mean_norm,
@@ -284,10 +474,12 @@ class FedSpineServer:
         # took too long (a missing device is charged twice the round's length).
         for r in late:
             relative = self.last_relative_time[r.device] = (r.finished_at_s - opened_at_s) / mean_time
-            self.bandit(r.device).update(plans[r.device].arm, -weights.time * relative)
+            if self.cost is None:
+                self.bandit(r.device).update(plans[r.device].arm, -weights.time * relative)
         for d in missing:
             relative = self.last_relative_time[d] = 2 * (closed_at - opened_at_s) / mean_time
-            self.bandit(d).update(plans[d].arm, -weights.time * relative)
+            if self.cost is None:
+                self.bandit(d).update(plans[d].arm, -weights.time * relative)
 
         self.mean_round_time_s = mean_time
         result = RoundResult(
@@ -305,7 +497,9 @@ class FedSpineServer:
         for r in accepted:
             rows, cols = module_masks(self.layout, r.keep)
             updates.append(LoraUpdate(r.lora, rows, cols))
-        self.lora = aggregate_lora(updates, previous=self.lora)
+        # With the planner, slow devices train low ranks: a slot they lack counts as unchanged
+        # rather than as zero (docs/federated.md, 2026-12-05).
+        self.lora = aggregate_lora(updates, previous=self.lora, lacking_keep_previous=self.cost is not None)
         if self.dense:
             samples = [float(r.samples) for r in accepted]
             self.dense = {k: weighted_average([r.dense[k] for r in accepted], samples) for k in self.dense}
@@ -346,6 +540,12 @@ class FedSpineServer:
             "layout": {"layers": self.layout.layers, "heads": self.layout.heads, "channels": self.layout.channels,
                        "modules": {k: asdict(v) for k, v in self.layout.modules.items()}},
             "bandits": {name: b.state.to_dict() for name, b in self.bandits.items()},
+            "cost": None if self.cost is None else asdict(self.cost),
+            "rates": {name: asdict(r) for name, r in self.rates.items()},
+            "quality": self.quality.state.to_dict(),
+            "credit": self.credit,
+            "gain_mean": self.gain_mean,
+            "gain_var": self.gain_var,
         }
         with atomic_dir(Path(folder)) as tmp:
             save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -372,7 +572,9 @@ class FedSpineServer:
                                 {k: ModuleUnits(**v) for k, v in layout_data["modules"].items()})
             lora = {n: LoraFactors(tensors[f"lora.{n}.a"], tensors[f"lora.{n}.b"]) for n in state["lora_modules"]}
             dense = {n: tensors[f"dense.{n}"] for n in state["dense"]}
-            server = cls(_config_from_dict(state["config"]), layout, lora, dense, seed=int(state["seed"]))
+            cost = state.get("cost")
+            server = cls(_config_from_dict(state["config"]), layout, lora, dense, seed=int(state["seed"]),
+                         cost=None if cost is None else RoundCost(**cost))
             server.importance = (tensors["importance.heads"], tensors["importance.channels"])
             server.importance_seen = bool(state["importance_seen"])
             server.round = int(state["round"])
@@ -381,9 +583,22 @@ class FedSpineServer:
             for i, (name, data) in enumerate(state["bandits"].items()):
                 server.bandits[name] = SmoothUCB(server.config.bandit, BanditState.from_dict(data, str(state_path)),
                                                  seed=server.seed + i)
+            server.rates = {str(k): DeviceRates(**v) for k, v in state.get("rates", {}).items()}
+            if "quality" in state:
+                server.quality = SmoothUCB(server._quality_config(), BanditState.from_dict(state["quality"], str(state_path)),
+                                           seed=server.seed + 7919)
+            server.credit = state.get("credit", server.credit)
+            server.gain_mean = state.get("gain_mean")
+            server.gain_var = float(state.get("gain_var", 0.0))
         except (KeyError, TypeError, ValueError) as exc:
             raise HearthError(f"{folder}: incomplete FedSpine checkpoint (missing {exc})") from None
         return server
+
+
+def _cell_ranks(cell: Cell, config: BanditConfig) -> tuple[int, int]:
+    """The lowest and highest whole rank inside a bandit cell."""
+    lo = max(config.rank_min, math.ceil(cell.rank_lo - 1e-9))
+    return lo, max(lo, min(config.rank_max, math.floor(cell.rank_hi + 1e-9)))
 
 
 def _update_norm(report: DeviceReport, plan: RoundPlan) -> float:
