@@ -293,7 +293,7 @@ async def test_private_data_is_offered_and_withdrawn_from_the_devices_screen(hea
         assert load_config().get("mesh.private_data") == [] and fed_info()["examples"] == 0
         await offer(HOUSEHOLD / "train.jsonl")
         await wait_until(pilot, lambda: "20 conversations" in statement(), 30, "the private data statement")
-        assert load_config().get("mesh.private_data") == [str(HOUSEHOLD / "train.jsonl")]
+        assert load_config().get("mesh.private_data") == [str((HOUSEHOLD / "train.jsonl").resolve())]
         assert fed_info() == {"examples": 20, "sources": 1}
         app.screen.action_withdraw_private()
         await wait_until(pilot, lambda: "No private data" in statement(), 30, "the data withdrawn")

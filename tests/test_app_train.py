@@ -208,7 +208,7 @@ async def test_the_form_trains_the_notes_and_the_taught_answers_together(hearth_
     from tests.training_helpers import write_jsonl
 
     write_config(hearth_home, chat=stories_chat(stories_gguf))
-    household = str(HOUSEHOLD / "train.jsonl")
+    household = str((HOUSEHOLD / "train.jsonl").resolve())   # sources are kept resolved
     taught = hearth_paths().teach_file
     taught.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(taught, [{"messages": [{"role": "user", "content": "Bin day?"},
@@ -255,7 +255,7 @@ async def test_the_form_trains_the_notes_and_the_taught_answers_together(hearth_
         assert done[0].ok, done[0].text
     manifest = json.loads((hearth_paths().models_dir / "family" / "hearth-model.json").read_text("utf-8"))
     assert manifest["details"]["samples"] == 20 + 3
-    assert manifest["details"]["spec"]["data"] == [household, str(taught)]
+    assert manifest["details"]["spec"]["data"] == [household, str(taught.resolve())]
 
 
 @run_async

@@ -186,7 +186,7 @@ def test_train_learns_every_data_source_given(tmp_path: Path):
     details = json.loads((tmp_path / "data" / "models" / "family" / "hearth-model.json").read_text())["details"]
     assert details["samples"] == 20 + 1 + 3
     assert details["data"] == ["train.jsonl", "notes", "taught.jsonl"]
-    assert details["spec"]["data"] == [str(HOUSEHOLD / "train.jsonl"), str(notes), str(taught)]
+    assert details["spec"]["data"] == [str(p.resolve()) for p in (HOUSEHOLD / "train.jsonl", notes, taught)]
     # the same source twice would be learnt twice as hard: refused before anything loads
     done = hearth("train", "--data", str(taught), "--data", str(taught), "--out", "twice", home=tmp_path)
     assert done.returncode == 2
