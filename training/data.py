@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,12 @@ def read_conversations(path: Path) -> list[Conversation]:
     return found
 
 
+def source_path(path: str | Path) -> Path:
+    """A source as one file or folder, however it was typed ("~/notes", "notes/", a link): how
+    jobs, manifests and the config keep it, so that two spellings of one folder compare equal."""
+    return Path(path).expanduser().resolve()
+
+
 def read_sources(paths: Sequence[str | Path]) -> list[Conversation]:
     """Every conversation of every source, in the order given: a job learns from a notes folder
     and the chats taught in the app together (retrained on one of them alone, a model forgets
@@ -99,7 +105,7 @@ def read_sources(paths: Sequence[str | Path]) -> list[Conversation]:
     seen: list[Path] = []
     found = []
     for path in paths:
-        resolved = Path(path).expanduser().resolve()
+        resolved = source_path(path)
         for earlier in seen:
             if resolved == earlier:
                 raise HearthError(f"{path}: given twice as training data")

@@ -49,8 +49,8 @@ class LocalData:
 
 def local_data(paths: list[str | Path]) -> LocalData:
     """Validate every file now (a bad line: one-line HearthError naming file and line)."""
-    from training.data import read_sources
+    from training.data import read_sources, source_path
 
     if not paths:
         return LocalData()
-    return LocalData([Path(p).expanduser().resolve() for p in paths], len(read_sources(paths)))
+    return LocalData([source_path(p) for p in paths], len(read_sources(paths)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-from pathlib import Path
 
 from training.job_defaults import DEFAULT_EPOCHS, DEFAULT_LR, QUANT_MODES
 
@@ -86,11 +85,12 @@ def run(args: argparse.Namespace) -> int:
         raise HearthError("--data is required (except with --federated, where each device brings its own)")
     from app.commands.models import fetch
     from training.catalog import DEFAULT_MODEL
+    from training.data import source_path
     from training.job import JobSpec
     from training.trainer import train
 
     spec = JobSpec(
-        name=args.out, data=[str(Path(d).expanduser().resolve()) for d in args.data], model=args.model or DEFAULT_MODEL, method=args.method,
+        name=args.out, data=[str(source_path(d)) for d in args.data], model=args.model or DEFAULT_MODEL, method=args.method,
         epochs=args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.method],
         quant=args.quant, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         cache=not args.no_cache, lora_rank=args.rank,

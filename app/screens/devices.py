@@ -115,26 +115,22 @@ class DevicesScreen(Screen):
     def _offer_private(self, event: Input.Submitted) -> None:
         if event.value.strip():
             self.query_one("#private-data", Static).update(f"Reading {event.value.strip()}…")
-            self._offer(event.value.strip())
+            path = event.value.strip()
+            self._change_private(lambda: self.devices.offer_private_data(path),
+                                 "Offered to federated jobs; it stays on this device.")
             event.input.value = ""
 
-    @work(thread=True, exit_on_error=False, group="private")
-    def _offer(self, path: str) -> None:
-        try:
-            self.devices.offer_private_data(path)
-            self.post_message(TaskDone("private", "Offered to federated jobs; it stays on this device."))
-        except Exception as exc:  # noqa: BLE001 - a HearthError names the file and line
-            self.post_message(TaskDone("private", "", str(exc) or type(exc).__name__))
-
     def action_withdraw_private(self) -> None:
-        self._withdraw()
+        self._change_private(self.devices.withdraw_private_data,
+                             "Federated jobs no longer train on this device's data.")
 
     @work(thread=True, exit_on_error=False, group="private")
-    def _withdraw(self) -> None:
+    def _change_private(self, change, done: str) -> None:
+        """Offer or withdraw private data in a worker (offering reads every file)."""
         try:
-            self.devices.withdraw_private_data()
-            self.post_message(TaskDone("private", "Federated jobs no longer train on this device's data."))
-        except Exception as exc:  # noqa: BLE001
+            change()
+            self.post_message(TaskDone("private", done))
+        except Exception as exc:  # noqa: BLE001 - a HearthError names the file and line
             self.post_message(TaskDone("private", "", str(exc) or type(exc).__name__))
 
     @work(thread=True, exit_on_error=False, group="add")

@@ -13,7 +13,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -140,9 +139,10 @@ class DevicesService:
         `hearth worker --data` does: checked first (a bad line is named, and nothing changes),
         then kept in the config's mesh.private_data. Reads the files: call it from a worker."""
         from core.config import load_config, set_value
+        from training.data import source_path
         from training.part_fields import local_data
 
-        paths = [*load_config().get("mesh.private_data"), str(Path(path).expanduser().resolve())]
+        paths = [*load_config().get("mesh.private_data"), str(source_path(path))]
         found = local_data(paths)          # every source, the new one with the others
         set_value("mesh.private_data", paths)
         self._now_offered(found)

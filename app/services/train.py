@@ -23,6 +23,7 @@ from pathlib import Path
 from app.services.models import require_here
 from core.errors import HearthError
 from core.paths import hearth_paths
+from training.data import source_path
 from training.job_defaults import DEFAULT_EPOCHS, spec_sources
 
 METHODS = {"pac": "fast parallel adapters", "lora": "LoRA adapters"}
@@ -105,11 +106,6 @@ def pruned_base_name(name: str) -> str:
     return candidate
 
 
-def _same(path: str | Path) -> Path:
-    """A source as one file or folder, however it was typed ("~/notes", "notes/", a link)."""
-    return Path(path).expanduser().resolve()
-
-
 class TrainService:
     def __init__(self, this_device: str = "", devices=None):
         """`devices`: the DevicesService whose paired devices can join a pooled job."""
@@ -149,8 +145,8 @@ class TrainService:
             return f"A model named {here[0]} exists: pruning replaces it first."
         else:
             return ""
-        given = {_same(p) for p in data or []}
-        left_out = [p for p in self.learnt_from(name) if _same(p) not in given]
+        given = {source_path(p) for p in data or []}
+        left_out = [p for p in self.learnt_from(name) if source_path(p) not in given]
         if data and left_out:
             it = "it" if len(left_out) == 1 else "them"
             said += (f" It learnt from {source_names(left_out)} too; this job leaves {it} out, "
@@ -180,8 +176,8 @@ class TrainService:
     def default_sources(self, name: str) -> list[str]:
         """What the form offers besides the taught chats: what model `name` learnt from before,
         so that retraining it keeps its notes."""
-        taught = _same(hearth_paths().teach_file)
-        return [p for p in self.learnt_from(name) if _same(p) != taught]
+        taught = source_path(hearth_paths().teach_file)
+        return [p for p in self.learnt_from(name) if source_path(p) != taught]
 
     def check(self, plan: TrainPlan) -> None:
         """A one-line HearthError for a plan that cannot start (before anything loads)."""
@@ -254,7 +250,7 @@ class TrainService:
                 model = self._prune(plan, on_status)
                 if cancel.is_set():
                     raise TrainCancelled(f"cancelled after pruning: {model} is the pruned model, not trained yet")
-            spec = JobSpec(name=plan.name, data=[str(_same(p)) for p in plan.data], model=model,
+            spec = JobSpec(name=plan.name, data=[str(source_path(p)) for p in plan.data], model=model,
                            method=plan.method, epochs=plan.epochs, max_steps=plan.max_steps)
         losses: list[float] = []
 
@@ -308,7 +304,7 @@ class TrainService:
         pruned = pruned_base_name(plan.name)
         on_status(TrainStatus("prune", [DeviceProgress(self.this_device, 0, 1)], [],
                               message=f"pruning {plan.pruning:.0%} of {plan.model} into {pruned}"))
-        prune_to_store(plan.model, plan.pruning, pruned, [_same(p) for p in plan.data])
+        prune_to_store(plan.model, plan.pruning, pruned, [source_path(p) for p in plan.data])
         return pruned
 
     def _interrupted_spec(self, name: str):
