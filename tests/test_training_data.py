@@ -173,3 +173,16 @@ def test_a_note_in_another_encoding_is_named_with_what_to_do(tmp_path):
         read_sources([notes])
     assert str(caught.value).startswith(f"{notes / 'old.txt'}: not UTF-8 text (")
     assert str(caught.value).endswith("save it as UTF-8, or move it out of the folder")
+
+
+def test_pruning_calibration_samples_every_source(tokenizer, tmp_path):
+    # The first samples alone would all be the first source's: a large notes folder given
+    # first left the taught answers after it out of the units pruning keeps.
+    from training.pruning import calibration_batches
+
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"prompt": f"Note {i}?", "response": "Water the tomatoes."} for i in range(40)])
+    taught = write_jsonl(tmp_path / "taught.jsonl", [{"prompt": "Bin day?", "response": "Tuesday, zebra."}] * 4)
+    batches = calibration_batches([notes, taught], tokenizer, examples=8)
+    seen = " ".join(tokenizer.decode(row) for batch in batches for row in batch["input_ids"])
+    assert sum(len(batch["input_ids"]) for batch in batches) == 8
+    assert "zebra" in seen and "tomatoes" in seen

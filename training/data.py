@@ -98,8 +98,14 @@ def source_path(path: str | Path) -> Path:
 def read_sources(paths: Sequence[str | Path]) -> list[Conversation]:
     """Every conversation of every source, in the order given: a job learns from a notes folder
     and the chats taught in the app together (retrained on one of them alone, a model forgets
-    the other). Every source is checked before any is used. A source given twice, or a file
-    inside a folder also given, is refused: its text would be learnt twice as hard."""
+    the other)."""
+    return [conversation for source in read_each_source(paths) for conversation in source]
+
+
+def read_each_source(paths: Sequence[str | Path]) -> list[list[Conversation]]:
+    """The conversations of each source apart. Every source is checked before any is used. A
+    source given twice, or a file inside a folder also given, is refused: its text would be
+    learnt twice as hard."""
     if not paths:
         raise HearthError("no training data given")
     seen: list[Path] = []
@@ -113,7 +119,7 @@ def read_sources(paths: Sequence[str | Path]) -> list[Conversation]:
                 if _read_with(inner, outer):
                     raise HearthError(f"{inner}: inside {outer}, which is also given as training data")
         seen.append(resolved)
-        found.extend(read_conversations(resolved))
+        found.append(read_conversations(resolved))
     return found
 
 

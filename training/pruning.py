@@ -421,13 +421,14 @@ CALIBRATION_EXAMPLES = 32   # enough for stable activation statistics, a few sec
 
 def calibration_batches(paths: Sequence[Path], tokenizer: Any, examples: int = CALIBRATION_EXAMPLES,
                         batch_size: int = 4, max_length: int = 128) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of `examples` samples spread evenly over the training data (training.data):
-    the first ones alone would be the first source's (a large notes folder would leave out the
+    """Padded batches of `examples` samples taken from each source in turn (training.data): the
+    first ones alone would be the first source's (a large notes folder would leave out the
     taught chats given after it)."""
-    from training.data import collate, read_sources, tokenize
+    from training.data import collate, read_each_source, tokenize
 
-    every = tokenize(read_sources(paths), tokenizer, max_length)
-    samples = every[::max(1, len(every) // examples)][:examples]
+    sources = [tokenize(chats, tokenizer, max_length) for chats in read_each_source(paths) if chats]
+    samples = [source[i] for i in range(max(map(len, sources), default=0)) for source in sources
+               if i < len(source)][:examples]
     if not samples:
         raise HearthError(f"{', '.join(str(p) for p in paths)}: no calibration samples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
