@@ -5,7 +5,8 @@ Other programs on this computer talk to the household's model as they would to O
 Every request needs `Authorization: Bearer <serve.token>` (made and saved on first serve).
 Bad requests get a 4xx with an OpenAI-shaped JSON error saying why; the server keeps serving.
 One reply is generated at a time (one model in memory); a client that hangs up mid-stream
-cancels its reply.
+cancels its reply. A served model retrained or exported while the server runs is loaded again
+before the next reply (`Reload`).
 
 What is not here: the engines (training/engines.py), chat history (serving/history.py).
 """
@@ -18,6 +19,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -57,6 +59,22 @@ class ApiSettings:
     model_id: str
     port: int = 0                         # 0: any free port (tests)
     defaults: SamplingSettings = field(default_factory=SamplingSettings)
+
+
+@dataclass
+class Reload:
+    """How the server notices that its model changed on disk and loads it again.
+
+    A retrain renames a new folder into the model's place and an export adds the GGUF it then
+    runs as; a server that kept the engine it started with answered with the old weights until
+    it was restarted. `stamp` is what changes when the model does (model_store.model_stamp),
+    `loaded` its value when the engine was opened, `open` opens the engine again, `note` tells
+    the person running the server what happened."""
+
+    loaded: str
+    stamp: Callable[[], str]
+    open: Callable[[], ChatEngine]
+    note: Callable[[str], None] = lambda message: None
 
 
 def ensure_token() -> tuple[str, bool]:
@@ -156,10 +174,10 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float
 class ChatServer:
     """An OpenAI-compatible HTTP server for one engine, bound to 127.0.0.1."""
 
-    def __init__(self, engine: ChatEngine, settings: ApiSettings):
+    def __init__(self, engine: ChatEngine, settings: ApiSettings, reload: Reload | None = None):
         if not settings.token:
             raise HearthError("serve.token is empty: the local API never runs without authentication")
-        self.engine, self.settings = engine, settings
+        self.engine, self.settings, self._reload = engine, settings, reload
         self.generate_lock = threading.Lock()   # one reply at a time: one model in memory
         handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = ThreadingHTTPServer((HOST, settings.port), handler)
@@ -184,6 +202,35 @@ class ChatServer:
 
     def serve_forever(self) -> None:
         self.httpd.serve_forever()
+
+    @contextmanager
+    def turn(self, cancel: threading.Event) -> Iterator[ChatEngine | None]:
+        """The engine, to one reply at a time; None when the server stopped while it waited.
+        Everything a reply asks of the engine (tokens counted too) happens inside its turn: a
+        reload closes the engine it replaces."""
+        with self.generate_lock:
+            yield None if cancel.is_set() else self._current_engine()
+
+    def _current_engine(self) -> ChatEngine:
+        reload = self._reload
+        if reload is None:
+            return self.engine
+        stamp = reload.stamp()
+        if stamp == reload.loaded:
+            return self.engine
+        reload.loaded = stamp   # tried once per change: a model that fails to load is not retried per request
+        try:
+            # Opened before the old one is closed: a model caught half-written, or broken, leaves
+            # the server answering with the one it had rather than with nothing.
+            engine = reload.open()
+        except Exception as exc:   # noqa: BLE001 (whatever stops it loading, the old model still answers)
+            reload.note(f"{self.settings.model_id} changed on disk but did not load ({exc}); "
+                        "still serving the one loaded before")
+            return self.engine
+        self.engine.close()
+        self.engine = engine
+        reload.note(f"{self.settings.model_id} changed on disk (retrained or exported): loaded again")
+        return engine
 
     @contextmanager
     def reply(self):
@@ -326,24 +373,22 @@ class _Handler(BaseHTTPRequestHandler):
     # --- generation ----------------------------------------------------------------------------
 
     def _pieces(self, request: ChatRequest, cancel: threading.Event, end: ReplyEnd):
-        with self.server_ref.generate_lock:
-            if cancel.is_set():   # the server stopped while this reply waited for its turn
-                return
-            yield from self.server_ref.engine.stream(request.messages, request.settings, cancel, end)
-
-    def _count(self, text: str) -> int:
-        return int(self.server_ref.engine.count_tokens(text))
+        with self.server_ref.turn(cancel) as engine:
+            if engine is not None:
+                yield from engine.stream(request.messages, request.settings, cancel, end)
 
     def _complete(self, request: ChatRequest, cancel: threading.Event) -> None:
         end = ReplyEnd()
-        pieces = self._pieces(request, cancel, end)
+        text, prompt_tokens, completion_tokens = "", 0, 0
         try:
-            text = "".join(pieces)
+            with self.server_ref.turn(cancel) as engine:
+                if engine is not None:
+                    text = "".join(engine.stream(request.messages, request.settings, cancel, end))
+                    completion_tokens = int(engine.count_tokens(text))
+                    prompt_tokens = len(engine.prompt_tokens(request.messages))
         except HearthError as exc:
             self._send_error(ApiError(500, str(exc), kind="server_error"))
             return
-        completion_tokens = self._count(text)
-        prompt_tokens = len(self.server_ref.engine.prompt_tokens(request.messages))
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

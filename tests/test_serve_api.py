@@ -213,3 +213,55 @@ def test_usage_counts_real_tokens_with_the_torch_engine():
     # lines, tokenises shorter: the old guess said "stop").
     assert body["choices"][0]["finish_reason"] == "length"
     engine.close()
+
+
+@pytest.mark.slow
+def test_a_served_model_retrained_or_exported_is_loaded_again_before_the_next_reply(hearth_home):
+    """`hearth serve family` kept the engine it started with: after the family retrained the
+    model it went on answering with the old weights (and an export's GGUF never ran) until it
+    was restarted. A model that changes on disk into something that does not load leaves the
+    server answering with the one it had."""
+    from core.paths import hearth_paths
+    from serving.api import Reload
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+    from training.engines import open_engine
+    from training.export_gguf import export_model
+    from training.job import JobSpec
+    from training.model_store import MANIFEST, model_stamp
+    from training.trainer import train
+
+    def retrain() -> None:
+        train(JobSpec("family", [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()), method="lora", epochs=1))
+
+    def load():
+        return open_engine("family", context_length=512, threads=2)
+
+    def ask() -> dict:
+        status, body = _raw(srv, "POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}).encode())
+        assert status == 200, body
+        return body
+
+    retrain()
+    notes: list[str] = []
+    first = load()
+    srv = ChatServer(first, ApiSettings(TOKEN, "family", 0), Reload(model_stamp("family"),
+                     lambda: model_stamp("family"), load, notes.append))
+    srv.start()
+    try:
+        ask()
+        assert srv.engine is first and notes == []          # nothing changed: nothing loaded
+        retrain()
+        ask()
+        retrained = srv.engine
+        assert retrained is not first and "loaded again" in notes[-1]
+        export_model("family", "q8_0")
+        ask()
+        assert type(srv.engine).__name__ == "LlamaCppEngine" != type(retrained).__name__
+        exported = srv.engine
+        (hearth_paths().models_dir / "family" / MANIFEST).write_text("{not json")
+        assert ask()["usage"]["completion_tokens"] > 0     # still answering, with the export
+        assert srv.engine is exported and "did not load" in notes[-1]
+    finally:
+        srv.stop()
+        srv.engine.close()

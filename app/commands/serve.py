@@ -1,7 +1,8 @@
 """`hearth serve [--model M] [--port P]`: the OpenAI-compatible chat API for programs on this computer.
 
 Listens on 127.0.0.1 only; every request needs the bearer token of `serve.token` in the config
-(made on first serve). Ctrl-C stops it.
+(made on first serve). A personalised model retrained or exported while it is served is loaded
+again before the next reply. Ctrl-C stops it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from app.commands.models import fetch
     from core.config import load_config
     from core.errors import HearthError
-    from serving.api import ApiSettings, ChatServer, ensure_token
+    from serving.api import ApiSettings, ChatServer, Reload, ensure_token
     from training.engines import SamplingSettings, open_engine
+    from training.model_store import model_stamp
 
     config = load_config()
     chat = config.section("chat")
@@ -33,9 +35,18 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or chat["model"]
     print(f"Loading {model}...", file=sys.stderr, flush=True)
     fetch(model)
-    engine = open_engine(model, int(chat["context_length"]), int(chat["threads"]))
+
+    def load():
+        return open_engine(model, int(chat["context_length"]), int(chat["threads"]))
+
+    def note(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    stamp = model_stamp(model)   # before loading: a change made while it loads is seen
+    engine = load()
     try:
-        server = ChatServer(engine, ApiSettings(token, engine.name, port, SamplingSettings.from_config(chat)))
+        server = ChatServer(engine, ApiSettings(token, engine.name, port, SamplingSettings.from_config(chat)),
+                            Reload(stamp, lambda: model_stamp(model), load, note))
     except OSError as exc:
         engine.close()
         raise HearthError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None
@@ -51,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()   # cancels and waits for replies in progress: the engine must outlive them
-        engine.close()
+        server.engine.close()   # the one it serves now (a reload closed the ones before)
     return 0
