@@ -4,7 +4,8 @@ In one run, on this machine:
 - memory read bandwidth (large numpy reads on the decoder's threads, best of several), the
   ceiling of memory-bound decoding;
 - the default model unpruned, pruned 30% and pruned 50%, all written by our GGUF export and
-  quantised the same way by llama.cpp: time to first token and decode tokens/s (greedy, a fixed
+  quantised the same way by llama.cpp (q8_0 unless told: what `hearth export` writes for a
+  family's trained model, the model the chat serves once it is theirs): time to first token and decode tokens/s (greedy, a fixed
   number of tokens, end-of-sequence ignored);
 - transformers `generate` on the same unpruned model (float32, as training and the torch engine
   hold it), the baseline llama.cpp is compared to; all four take turns run by run;
@@ -35,8 +36,9 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse k
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model to measure (default: the bundled default)")
-    p.add_argument("--quant", default="q4_1", choices=("f16", "q8_0", "q4_1", "q4_k_m"),
-                   help="weight type of every llama.cpp variant (default q4_1, as the bundled default)")
+    p.add_argument("--quant", default="q8_0", choices=("f16", "q8_0", "q4_1", "q4_k_m"),
+                   help="weight type of every llama.cpp variant (default q8_0, the type a family's trained "
+                        "model is exported and served at; q4_1 is the bundled base's)")
     p.add_argument("--tokens", type=int, default=128, help="tokens decoded per run")
     p.add_argument("--runs", type=int, default=5, help="runs per variant, taking turns (the best is reported)")
     p.add_argument("--threads", type=int, default=0, help="threads for both engines (0: every core)")

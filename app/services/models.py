@@ -157,10 +157,10 @@ class ModelsService:
         folder.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def export_gguf(self, name: str, quant: str = "q8_0") -> Path:
+    def export_gguf(self, name: str) -> Path:
         from training.export_gguf import export_model
 
-        return export_model(name, quant).path
+        return export_model(name).path
 
     def reload(self) -> None:
         self._config = load_config(self._config.path)
