@@ -134,9 +134,6 @@ def test_unknown_scale_and_method_are_clear_errors(shared_dir):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    with pytest.raises(HearthError, match="--reward: expected four numbers"):
-        build_config(parser.parse_args(["--reward", "1,0.5,x,1"]))
-    assert build_config(parser.parse_args(["--reward", "2,0,0.1,1"])).reward.loss_drop == 2.0
     with pytest.raises(HearthError, match="--seeds: need at least 1"):
         build_config(parser.parse_args(["--seeds", "0"]))
 

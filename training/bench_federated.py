@@ -31,28 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1,
                         help="run this many seeds (SEED, SEED+1, ...) and report their means: one seed's "
                              "differences of a few points are noise (default 1)")
-    parser.add_argument("--reward", metavar="W1,W2,W3,W4",
-                        help="the per-device bandits' reward weights: loss drop, sparsity, update norm, time "
-                             "(default 1,0.5,0.1,1); the simulated FedSpine plans its rounds with a shared "
-                             "bandit rewarded by the global loss instead, so these no longer change it")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CLINC150 clinc150_train_val.json")
     parser.add_argument("--plot", type=Path, help="write accuracy vs simulated time to this PNG")
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _reward_weights(text: str):
-    from training.bandit import RewardWeights
-
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise HearthError(f"--reward: expected four numbers W1,W2,W3,W4 (got {text!r})")
-    return RewardWeights(*values)
 
 
 def build_config(args: argparse.Namespace):
@@ -63,8 +47,6 @@ def build_config(args: argparse.Namespace):
     if args.seeds < 1:
         raise HearthError(f"--seeds: need at least 1 (got {args.seeds})")
     overrides = {"seed": args.seed}
-    if args.reward:
-        overrides["reward"] = _reward_weights(args.reward)
     if args.rounds:
         overrides["rounds"] = args.rounds
     overrides["clients_per_round"] = min(args.clients or SimConfig.for_scale(args.scale).clients_per_round, args.devices)
@@ -180,10 +162,8 @@ def report_dict(report, plot: Path | None = None) -> dict:
         "batch_size": config.batch_size,
         "seed": config.seed,
         "target_sparsity": config.target_sparsity,
-        "reward_weights": asdict(config.reward),
         "fedspine_policy": ("planned rounds: per-device time model, round length = slowest device's fastest "
-                            "option, one S-UCB shared by all devices rewarded by the global loss drop "
-                            "(reward_weights apply only to per-device bandits, unused here)"),
+                            "option, one S-UCB shared by all devices rewarded by the global loss drop"),
         "fleet": [asdict(c) for c in config.fleet],
         "model": (f"small Llama-style encoder (real training): {config.layers} layers, d={config.hidden}, "
                   f"{config.heads} heads, {config.channels} SwiGLU channels, word vocabulary {config.vocab_size}, "

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from core.errors import HearthError
 from training.aggregation import LoraFactors
-from training.bandit import Arm, BanditConfig, RewardWeights
+from training.bandit import Arm, BanditConfig
 from training.fedspine import (
     DeviceReport,
     FedSpineConfig,
@@ -141,7 +141,6 @@ class SimConfig:
     lora_scale: float = 2.0
     eval_samples: int = 3000
     methods: tuple[str, ...] = METHODS
-    reward: RewardWeights = field(default_factory=lambda: RewardWeights(loss_drop=1.0, sparsity=0.5, update_norm=0.1, time=1.0))
     fleet: tuple[DeviceClass, ...] = PAPER_FLEET
     cost: CostModel = field(default_factory=CostModel)
 
@@ -572,7 +571,7 @@ def run_method(method: str, model: TinyLlama, data: FleetData, fleet: list[Virtu
     started = time.perf_counter()
     pruning = method != "hetlora"
     bandit = BanditConfig(ratio_min=0.0, ratio_max=0.6, rank_min=2, rank_max=16, grid_ratios=2, grid_ranks=2,
-                          split_after=4, weights=config.reward)
+                          split_after=4)
     fed = FedSpineConfig(target_sparsity=config.target_sparsity if pruning else 0.0, warmup_rounds=config.warmup_rounds,
                          ramp_rounds=config.ramp_rounds, quorum=1.0, bandit=bandit)
     head = {"weight": torch.zeros(len(data.intents), config.hidden), "bias": torch.zeros(len(data.intents))}
