@@ -186,3 +186,28 @@ def test_pruning_calibration_samples_every_source(tokenizer, tmp_path):
     seen = " ".join(tokenizer.decode(row) for batch in batches for row in batch["input_ids"])
     assert sum(len(batch["input_ids"]) for batch in batches) == 8
     assert "zebra" in seen and "tomatoes" in seen
+
+
+def test_a_source_with_nothing_to_learn_is_named(tokenizer, tmp_path):
+    # "no trainable tokens in the data" named no file: with several sources, which one?
+    from core.errors import HearthError
+    from training.data import read_each_source, tokenize
+
+    long_question = "Tell me everything about the garden. " * 60      # the answer starts past 128 tokens
+    chats = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_question, "response": "Water it."}])
+    with pytest.raises(HearthError) as caught:
+        tokenize(read_each_source([chats])[0], tokenizer, max_length=128)
+    assert str(caught.value).startswith(f"{chats}: nothing to learn (")
+
+
+def test_pruning_calibrates_on_the_sources_that_fit_its_window(tokenizer, tmp_path):
+    # Calibration reads 128 tokens of each sample, training 512: a source of long chats whose
+    # answers start past 128 tokens trains, and once stopped pruning for every source.
+    from training.pruning import calibration_batches
+
+    long_question = "Tell me everything about the garden. " * 60
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_question, "response": "Water it."}] * 3)
+    short = write_jsonl(tmp_path / "short.jsonl", [{"prompt": "Bin day?", "response": "Tuesday, zebra."}] * 4)
+    batches = calibration_batches([long, short], tokenizer, examples=8)
+    assert sum(len(batch["input_ids"]) for batch in batches) == 4
+    assert "zebra" in tokenizer.decode(batches[0]["input_ids"][0])

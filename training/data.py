@@ -231,7 +231,9 @@ def tokenize(conversations: list[Conversation], tokenizer: Any, max_length: int 
         elif conv.text is not None:
             examples.extend(_tokenize_note(conv, tokenizer, max_length))
     if not examples:
-        raise HearthError("no trainable tokens in the data")
+        files = dict.fromkeys(c.source.rsplit(":", 1)[0] for c in conversations)
+        raise HearthError(f"{', '.join(files) or 'the data'}: nothing to learn (every answer is empty or starts "
+                          f"after the first {max_length} tokens of its chat)")
     return examples
 
 

@@ -426,11 +426,18 @@ def calibration_batches(paths: Sequence[Path], tokenizer: Any, examples: int = C
     taught chats given after it)."""
     from training.data import collate, read_each_source, tokenize
 
-    sources = [tokenize(chats, tokenizer, max_length) for chats in read_each_source(paths) if chats]
+    sources, refusal = [], None
+    for chats in read_each_source(paths):
+        try:
+            sources.append(tokenize(chats, tokenizer, max_length))
+        except HearthError as exc:
+            # Calibration reads shorter windows than training: a source of long chats can have
+            # nothing to learn in its first `max_length` tokens and still train; the others calibrate.
+            refusal = exc
     samples = [source[i] for i in range(max(map(len, sources), default=0)) for source in sources
                if i < len(source)][:examples]
     if not samples:
-        raise HearthError(f"{', '.join(str(p) for p in paths)}: no calibration samples")
+        raise refusal or HearthError(f"{', '.join(str(p) for p in paths)}: no calibration samples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [vars(collate(samples[i:i + batch_size], pad)) for i in range(0, len(samples), batch_size)]
 
