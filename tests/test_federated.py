@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,46 @@ def _devices(base, data, flaky: dict[str, set[int]] | None = None):
             peer = FlakyPeer(peer, flaky[member])
         devices.append(FedDevice(member, peer))
     return devices
+
+
+class SlowLinkPeer:
+    """A LocalPeer behind a slow link: every round's answer takes `delay_s` longer to arrive."""
+
+    def __init__(self, peer, delay_s: float):
+        self.peer, self.delay_s = peer, delay_s
+
+    def request(self, type, fields=None, tensors=None, data=None, timeout=30.0):
+        reply = self.peer.request(type, fields, tensors, data, timeout)
+        if type == "fed.round":
+            time.sleep(self.delay_s)
+        return reply
+
+    def send_file(self, path, name=None):
+        return str(path)
+
+
+@pytest.mark.slow
+def test_a_slow_device_sets_the_round_and_the_others_train_a_larger_rank_within_it(base, data, hearth_home):
+    """The coordinator plans rounds as the simulator's FedSpine does: from the first reports it
+    knows each device's rates; the slowest one plays the lowest rank (the round lasts what it needs
+    for that), and the others a larger rank that still fits in the round, rather than each device's
+    own bandit guessing (the per-device bandits gave every device the same spread of ranks)."""
+    from training.fedspine import MIN_PLANNED_RANK, UNMEASURED_RANK
+    from training.fed_parts import FedSpec
+    from training.federated import train_federated
+
+    devices = _devices(base, data)
+    devices[0].peer = SlowLinkPeer(devices[0].peer, delay_s=1.5)      # grandma's phone, far from the router
+    events = []
+    spec = FedSpec(name="family-planned", model=str(tiny_llama_dir()), rounds=3, local_steps=2)
+    train_federated(spec, devices, base=base, on_event=events.append, save=False)
+    rounds = [{d.name: d.rank for d in e.devices} for e in events if e.phase == "train"]
+    assert len(rounds) == 3
+    assert all(rank <= UNMEASURED_RANK for rank in rounds[0].values())  # nobody measured yet
+    slow, fast = devices[0].name, [d.name for d in devices[1:]]
+    for ranks in rounds[1:]:
+        assert ranks[slow] == MIN_PLANNED_RANK, ranks
+        assert all(ranks[name] > MIN_PLANNED_RANK for name in fast), ranks
 
 
 # The family model must beat the base model on every member's held-out notes by this much (nats

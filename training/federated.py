@@ -7,13 +7,19 @@ training/fedspine.py's `FedSpineServer` unchanged; this module drives it with re
 1. Open: every device gets the job (`fed.open`); one that lacks the base model is sent its files
    (one GGUF file or the files of a model folder) through the mesh's chunked, SHA-256-checked file
    transfer, as pooled training does. A device without local data cannot take part.
-2. Rounds: the server's bandit picks each device's (pruning ratio, LoRA rank); the device is sent
-   the global LoRA state truncated to that rank and the consensus keep-mask at its ratio (made
-   realisable: the same number of query heads from every KV group), prunes its copy of the base
-   model physically, trains LoRA on its local data for the round's steps gathering LoRA-gradient
-   importance, and answers (`fed.round`). The round closes at its deadline or when a quorum of
-   its devices answered; the server aggregates (heterogeneous ranks, masked), updates each
-   device's bandit, and the job is checkpointed (atomically) before the next round.
+2. Rounds: the server plans each device's (pruning ratio, LoRA rank): from every report it learns
+   the device's compute and link rates (`round_cost` is the work and bytes of a round of this
+   model), the round lasts what the slowest device needs at the schedule's pruning and the lowest
+   rank, and each device plays what one quality bandit shared by all (rewarded by the global
+   model's loss) picks among the options it finishes within that time, as the simulator's FedSpine
+   does (docs/federated.md): a fast laptop trains a larger rank in the time a phone needs for a
+   small one. The device is sent the global LoRA state truncated to that rank and the consensus
+   keep-mask at its ratio (made realisable: the same number of query heads from every KV group),
+   prunes its copy of the base model physically, trains LoRA on its local data for the round's
+   steps gathering LoRA-gradient importance, and answers (`fed.round`). The round closes at its
+   deadline or when a quorum of its devices answered; the server aggregates (heterogeneous ranks,
+   masked), credits the bandit, and the job is checkpointed (atomically) before the next round.
+   (A job checkpointed before 2026-12-05 resumes with the per-device bandits it started with.)
 3. End: the consensus mask at the target sparsity (training/pruning.plan_pruning on the
    accumulated importance) cuts the base model, with the family LoRA merged into its weights,
    into an ordinary smaller Llama written to the model store (format "hf"), so `hearth chat` and
@@ -55,7 +61,9 @@ from training.fed_parts import (
     CLOSE, LORA_SCALE, OPEN, ROUND, FedJobs, FedSpec, ModelFile, RoundOrder, RoundReport, model_files,
     module_shapes, unit_layout,
 )
-from training.fedspine import DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundPlan
+from training.fedspine import (
+    DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundCost, RoundPlan,
+)
 from training.job import ProgressEvent, one_run_at_a_time
 from training.local_peer import LocalPeer, MemberLost, close_job_on
 from training.part_fields import LocalData
@@ -145,6 +153,26 @@ def fedspine_config(spec: FedSpec) -> FedSpineConfig:
     )
 
 
+def round_cost(config: Any, shapes: dict[str, tuple[int, int]]) -> RoundCost:
+    """A round of this model as the planner's time model. Work is counted in weights a token passes
+    through (the rate learnt from each report absorbs tokens per round and operations per weight):
+    q and o projections shrink with the kept heads, the MLP with the kept channels; k, v and the LM
+    head do not (the realisable mask keeps every KV group). Bytes: the LoRA factors, sent down
+    truncated to the rank and back in unpruned coordinates (float32), so not shrunk by pruning;
+    the masks down and the importance up are the fixed part."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    units = layers * (config.num_attention_heads + config.intermediate_size)
+    return RoundCost(
+        fixed_work=layers * 2 * hidden * kv_width + config.vocab_size * hidden,
+        head_work=layers * 2 * hidden * q_width,
+        channel_work=layers * 3 * hidden * config.intermediate_size,
+        fixed_bytes=units * (1 + 4),                       # bool masks down, float32 importance up
+        rank_bytes=2 * 4 * sum(i + o for i, o in shapes.values()),
+    )
+
+
 def initial_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, LoraFactors]:
     """A random, B zero: the adapted model starts exactly at the base model, on every device."""
     generator = torch.Generator().manual_seed(seed)
@@ -224,8 +252,9 @@ def train_federated(spec: FedSpec, devices: list[FedDevice], *, local: LocalData
     layout = unit_layout(model.config)
     if server is None:
         config = fedspine_config(spec)
-        server = FedSpineServer(config, layout, initial_lora(module_shapes(model), config.bandit.rank_max, spec.seed),
-                                seed=spec.seed)
+        shapes = module_shapes(model)
+        server = FedSpineServer(config, layout, initial_lora(shapes, config.bandit.rank_max, spec.seed),
+                                seed=spec.seed, cost=round_cost(model.config, shapes))
     resumed_from = server.round
     members = []
     for d in devices:
