@@ -224,7 +224,8 @@ class ChatServer:
             # the server answering with the one it had rather than with nothing.
             engine = reload.open()
         except Exception as exc:   # noqa: BLE001 (whatever stops it loading, the old model still answers)
-            reload.note(f"{self.settings.model_id} changed on disk but did not load ({exc}); "
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            reload.note(f"{self.settings.model_id} changed on disk but did not load ({reason}); "
                         "still serving the one loaded before")
             return self.engine
         self.engine.close()
