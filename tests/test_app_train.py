@@ -277,3 +277,34 @@ async def test_the_form_on_a_first_run_offers_no_data_and_says_what_to_choose(he
         assert any("data: choose a folder of notes or a JSONL of chats (or teach answers in Chat)" in str(n.message)
                    for n in app._notifications)
         assert not app.services.train.running()
+
+
+@run_async
+async def test_the_form_offers_every_source_a_model_learnt_from(hearth_home, stories_gguf, tmp_path):
+    """A model trained from the command line on two sources: the form offered the first alone,
+    and said the other would be left out, with no way to add it."""
+    from app.services.train import TrainPlan, TrainService
+    from textual.widgets import Input, Static
+
+    write_config(hearth_home, chat=stories_chat(stories_gguf))
+    household = str((HOUSEHOLD / "train.jsonl").resolve())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "garden.md").write_text("The tomatoes are watered on Sundays.", "utf-8")
+    TrainService("here").run(TrainPlan("family", [household, str(notes)], str(tiny_llama_dir()), method="lora",
+                                       epochs=1), lambda status: None)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await pilot.press("f3")
+        await pilot.pause()
+        screen = app.screen
+        box = screen.query_one("#data", Input)
+        assert box.value == f"{household}; {notes.resolve()}"
+        assert screen.plan().data == [household, str(notes.resolve())]
+        statement = lambda: str(screen.query_one("#data-statement", Static).render())  # noqa: E731
+        assert "Your data (train.jsonl, notes) stays on this device" in statement()
+        assert "learnt from" not in statement()
+        box.value = household
+        await pilot.pause()
+        assert "It learnt from notes too; this job leaves it out" in statement()

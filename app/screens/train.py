@@ -23,7 +23,9 @@ from textual.widgets import (
 from app.messages import TrainFinished, TrainProgress
 from app.services.devices import DevicesService
 from app.services.models import ModelsService
-from app.services.train import DEFAULT_EPOCHS, METHODS, TrainPlan, TrainService, TrainStatus, where_data_goes
+from app.services.train import (
+    DEFAULT_EPOCHS, METHODS, SOURCES_SEPARATOR, TrainPlan, TrainService, TrainStatus, typed_sources, where_data_goes,
+)
 
 PRUNING = [("none", 0.0), ("10%", 0.1), ("20%", 0.2), ("30%", 0.3)]
 REPAINT_S = 0.1
@@ -61,8 +63,9 @@ class TrainScreen(Screen):
                 yield Input("family", id="name")
                 yield Label("Data: a folder of notes or a JSONL of chats")
                 # Retraining a model on its own notes keeps them: offered as they were.
-                before = self.train.default_sources("family")
-                yield Input(before[0] if before else "", placeholder="path to a folder or file", id="data")
+                yield Input(SOURCES_SEPARATOR.join(self.train.default_sources("family")),
+                            placeholder="folder or file (several: separate with ;)",
+                            id="data")
                 yield Checkbox("", value=False, disabled=True, id="taught")
                 yield Label("Base model")
                 yield Select(base_models, value=with_default, allow_blank=not base_models, id="model")
@@ -126,11 +129,11 @@ class TrainScreen(Screen):
     def plan(self) -> TrainPlan:
         epochs = self.query_one("#epochs", Input).value.strip()
         model = self.query_one("#model", Select).value
-        typed = self.query_one("#data", Input).value.strip()
+        typed = typed_sources(self.query_one("#data", Input).value)
         taught = self.query_one("#taught", Checkbox)
         return TrainPlan(
             name=self.query_one("#name", Input).value.strip(),
-            data=([typed] if typed else []) + ([self._taught_file] if taught.value and not taught.disabled else []),
+            data=typed + ([self._taught_file] if taught.value and not taught.disabled else []),
             model=str(model) if model is not Select.NULL else "",
             method=str(self.query_one("#method", Select).value),
             epochs=int(epochs) if epochs.isdigit() else 0,

@@ -75,6 +75,21 @@ class TrainCancelled(HearthError):
     pass
 
 
+SOURCES_SEPARATOR = "; "
+
+
+def typed_sources(text: str) -> list[str]:
+    """The paths typed in the form's data box: one, or several separated by ';' (a model trained
+    from the command line on two folders is offered both). A path that exists as typed is one
+    path, even with a ';' in its name."""
+    text = text.strip()
+    if not text:
+        return []
+    if Path(text).expanduser().exists():
+        return [text]
+    return [part.strip() for part in text.split(SOURCES_SEPARATOR.strip()) if part.strip()]
+
+
 def source_names(paths: list[str]) -> str:
     """The sources as a person names them: "notes, taught.jsonl"."""
     return ", ".join(Path(p).name for p in paths)
