@@ -9,10 +9,11 @@ fine-tuning (only `--full-steps` steps, its time extrapolated to all epochs and 
 Per method: end-to-end training wall time (after the model is loaded, cache filling included),
 time per epoch, peak resident memory while training (the high-water mark is reset after loading,
 so the load is excluded; the load's own peak and the whole-process peak, the memory a device
-needs, are reported too), final training loss, household recall (paraphrased questions, greedy) and CLINC150 intent
-accuracy on held-out `val` rows (intent names generated as text). Ratios: `speedup_vs_lora`
-(faster LoRA's wall / PAC-with-cache's), `memory_ratio_vs_lora` (PAC NF4 training peak / the
-smaller LoRA training peak). For PAC with the cache, chat speed as the torch engine serves it:
+needs, are reported too), final training loss, household recall (paraphrased questions, greedy),
+general recall before and after (`assets/eval/general_questions.jsonl`, greedy: what personalising
+costs in what the base knew) and CLINC150 intent accuracy on held-out `val` rows (intent names
+generated as text). Ratios: `speedup_vs_lora` (faster LoRA's wall / PAC-with-cache's),
+`memory_ratio_vs_lora` (PAC NF4 training peak / the smaller LoRA training peak). For PAC with the cache, chat speed as the torch engine serves it:
 decode tokens/s in float32 and, where the processor has native bfloat16, in bfloat16
 (`chat_bf16_speedup`), with household recall in bfloat16.
 """
@@ -140,6 +141,17 @@ def _run_worker(config: dict, result_file: Path) -> dict:
     return json.loads(result_file.read_text("utf-8"))
 
 
+def general_questions() -> list[tuple[str, str]]:
+    """General questions of our own that the base model mostly answers (`assets/eval`): what a
+    method's personalisation costs in general knowledge."""
+    from importlib import resources
+
+    from training.evaluate import read_fact_questions
+
+    with resources.as_file(resources.files("assets").joinpath("eval/general_questions.jsonl")) as path:
+        return read_fact_questions(path)
+
+
 def _reset_peak_rss() -> bool:
     """Linux: writing 5 to clear_refs resets VmHWM, so the peak seen after it is training's own."""
     try:
@@ -176,11 +188,13 @@ def worker(config: dict, result_file: Path) -> None:
     load_s = time.perf_counter() - t0
     load_peak = _vm_hwm_mb()   # before the reset below: what loading alone needed
     questions = read_fact_questions(Path(config["household_eval"]))
+    general = general_questions()
     clinc_rows = [(CLINC_PROMPT.format(text=t), i) for t, i in json.loads(Path(config["eval_file"]).read_text())]
     out: dict = {"title": method.title, "load_s": round(load_s, 1)}
     if config["eval_before"]:
         base = PersonalLM(backbone.model, backbone.tokenizer)
         out["household_recall_before"] = fact_recall(base, questions).hits
+        out["general_recall_before"] = fact_recall(base, general).hits
         out["clinc_accuracy_before"] = intent_accuracy(base, clinc_rows).rate
     targets: list[str] | str = method.lora_targets.split(",") if "," in method.lora_targets else method.lora_targets
     spec = JobSpec(name=f"bench-{method.key}", data=[config["train_file"]], model=config["model"],
@@ -217,6 +231,8 @@ def worker(config: dict, result_file: Path) -> None:
         lm = PersonalLM(module, backbone.tokenizer)
     out["household_recall_after"] = fact_recall(lm, questions).hits
     out["household_questions"] = len(questions)
+    out["general_recall_after"] = fact_recall(lm, general).hits
+    out["general_questions"] = len(general)
     out["clinc_accuracy"] = round(intent_accuracy(lm, clinc_rows).rate, 4)
     if method.key == "pac_cache":
         out.update(_chat_speed(lm, questions))
@@ -265,6 +281,7 @@ def summarise(results: dict, args: argparse.Namespace, counts: dict) -> dict:
     for r in results.values():
         if before and "error" not in r:
             r.setdefault("household_recall_before", before.get("household_recall_before"))
+            r.setdefault("general_recall_before", before.get("general_recall_before"))
     report: dict = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "data": counts,
                     "threads": args.threads, "cpus": os.cpu_count(), "methods": results}
     pac = results.get("pac_cache", {})
