@@ -3,7 +3,8 @@
 Every method trains the default model on the same data (the household facts plus a per-intent
 subset of CLINC150, as one chat JSONL) for the same epochs, each in its own subprocess so that its
 peak resident memory is its own. Methods: PAC with the activation cache, PAC without it, PAC with
-the cache on an NF4 backbone, LoRA r=8 on q,v, LoRA r=16 on all linear layers, and full
+the cache on an NF4 backbone, PAC with the cache but without the anchor (training/anchor.py: what
+it costs, and what it keeps), LoRA r=8 on q,v, LoRA r=16 on all linear layers, and full
 fine-tuning (only `--full-steps` steps, its time extrapolated to all epochs and flagged so).
 
 Per method: end-to-end training wall time (after the model is loaded, cache filling included),
@@ -47,12 +48,14 @@ class Method:
     cache: bool = True
     lora_rank: int = 16
     lora_targets: str = "all-linear"
+    anchor: float | None = None    # PAC: the anchor's weight (training/anchor.py); None: the product's
 
 
 METHODS = [
     Method("pac_cache", "PAC + cache", "pac"),
     Method("pac_no_cache", "PAC, no cache", "pac", cache=False),
     Method("pac_nf4_cache", "PAC + cache, NF4 backbone", "pac", quant="nf4"),
+    Method("pac_cache_no_anchor", "PAC + cache, no anchor", "pac", anchor=0.0),
     Method("lora_r8_qv", "LoRA r=8 q,v", "lora", lora_rank=8, lora_targets="q_proj,v_proj"),
     Method("lora_r16_all", "LoRA r=16 all linear", "lora", lora_rank=16),
     Method("full", "full fine-tuning", "full"),
@@ -96,7 +99,9 @@ def run(args: argparse.Namespace) -> dict:
             config = {"method": asdict(method), "model": args.model, "epochs": args.epochs,
                       "train_file": str(train_file), "eval_file": str(eval_file),
                       "household_eval": str(data_dir / "household" / "eval.jsonl"),
-                      "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home"),
+                      "full_steps": args.full_steps, "eval_before": i == 0,
+                      # its own: two methods on one backbone would share the activation cache
+                      "home": str(work / "home" / method.key),
                       "threads": args.threads, "pac_lr": args.pac_lr,
                       "lora_lr": args.lora_lr, "seed": args.seed}
             results[method.key] = _run_worker(config, work / f"{method.key}.json")
@@ -201,7 +206,8 @@ def worker(config: dict, result_file: Path) -> None:
                    method=method.method, epochs=config["epochs"], quant=method.quant, cache=method.cache,
                    lr={"pac": config.get("pac_lr"), "lora": config.get("lora_lr")}.get(method.method),
                    lora_rank=method.lora_rank, lora_targets=targets, seed=int(config.get("seed", 0)),
-                   max_steps=config["full_steps"] if method.method == "full" else None)
+                   max_steps=config["full_steps"] if method.method == "full" else None,
+                   **({"anchor": method.anchor} if method.anchor is not None else {}))
     reset = _reset_peak_rss()
     result = train(spec, backbone=backbone, save=False, checkpoint_every_s=1e9)
     train_peak = _vm_hwm_mb() if reset else None
