@@ -71,6 +71,10 @@ def test_bench_training_runs_each_method_side_by_side(tmp_path):
         assert _positive(method["peak_rss_load_mb"])
         assert method["peak_rss_process_mb"] == max(method["peak_rss_load_mb"], method["peak_rss_train_mb"])
         assert len(method["epoch_s"]) == 3
+        # general knowledge before and after, on the shipped general questions
+        assert method["general_questions"] >= 40
+        assert 0 <= method["general_recall_after"] <= method["general_questions"]
+        assert 0 <= method["general_recall_before"] <= method["general_questions"]
     assert _positive(report["speedup_vs_lora"])
     pac = report["methods"]["pac_cache"]
     assert _positive(pac["chat_decode_tokens_per_s_float32"])

@@ -25,6 +25,7 @@ def test_wheel_contains_assets_and_styles(tmp_path: Path):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes((REPO_ROOT / name).read_bytes())
     wanted = {p.relative_to(source).as_posix() for p in (source / "assets").rglob("*.toml")}
+    wanted |= {p.relative_to(source).as_posix() for p in (source / "assets").rglob("*.jsonl")}
     wanted |= {p.relative_to(source).as_posix() for p in source.rglob("*.tcss")}
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
@@ -36,6 +37,8 @@ def test_wheel_contains_assets_and_styles(tmp_path: Path):
     inside = set(zipfile.ZipFile(wheel).namelist())
 
     assert {"assets/catalog.toml", "assets/default_config.toml"} <= wanted
+    # the anchor's general chats (training/anchor.py) and the general questions of the benchmark
+    assert {"assets/train/general_anchor.jsonl", "assets/eval/general_questions.jsonl"} <= wanted
     assert wanted <= inside, sorted(wanted - inside)
     assert "app/cli.py" in inside and "training/model_store.py" in inside
     assert not [n for n in inside if n.startswith("tests/")]

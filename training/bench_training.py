@@ -3,16 +3,18 @@
 Every method trains the default model on the same data (the household facts plus a per-intent
 subset of CLINC150, as one chat JSONL) for the same epochs, each in its own subprocess so that its
 peak resident memory is its own. Methods: PAC with the activation cache, PAC without it, PAC with
-the cache on an NF4 backbone, LoRA r=8 on q,v, LoRA r=16 on all linear layers, and full
+the cache on an NF4 backbone, PAC with the cache but without the anchor (training/anchor.py: what
+it costs, and what it keeps), LoRA r=8 on q,v, LoRA r=16 on all linear layers, and full
 fine-tuning (only `--full-steps` steps, its time extrapolated to all epochs and flagged so).
 
 Per method: end-to-end training wall time (after the model is loaded, cache filling included),
 time per epoch, peak resident memory while training (the high-water mark is reset after loading,
 so the load is excluded; the load's own peak and the whole-process peak, the memory a device
-needs, are reported too), final training loss, household recall (paraphrased questions, greedy) and CLINC150 intent
-accuracy on held-out `val` rows (intent names generated as text). Ratios: `speedup_vs_lora`
-(faster LoRA's wall / PAC-with-cache's), `memory_ratio_vs_lora` (PAC NF4 training peak / the
-smaller LoRA training peak). For PAC with the cache, chat speed as the torch engine serves it:
+needs, are reported too), final training loss, household recall (paraphrased questions, greedy),
+general recall before and after (`assets/eval/general_questions.jsonl`, greedy: what personalising
+costs in what the base knew) and CLINC150 intent accuracy on held-out `val` rows (intent names
+generated as text). Ratios: `speedup_vs_lora` (faster LoRA's wall / PAC-with-cache's),
+`memory_ratio_vs_lora` (PAC NF4 training peak / the smaller LoRA training peak). For PAC with the cache, chat speed as the torch engine serves it:
 decode tokens/s in float32 and, where the processor has native bfloat16, in bfloat16
 (`chat_bf16_speedup`), with household recall in bfloat16.
 """
@@ -46,12 +48,14 @@ class Method:
     cache: bool = True
     lora_rank: int = 16
     lora_targets: str = "all-linear"
+    anchor: float | None = None    # PAC: the anchor's weight (training/anchor.py); None: the product's
 
 
 METHODS = [
     Method("pac_cache", "PAC + cache", "pac"),
     Method("pac_no_cache", "PAC, no cache", "pac", cache=False),
     Method("pac_nf4_cache", "PAC + cache, NF4 backbone", "pac", quant="nf4"),
+    Method("pac_cache_no_anchor", "PAC + cache, no anchor", "pac", anchor=0.0),
     Method("lora_r8_qv", "LoRA r=8 q,v", "lora", lora_rank=8, lora_targets="q_proj,v_proj"),
     Method("lora_r16_all", "LoRA r=16 all linear", "lora", lora_rank=16),
     Method("full", "full fine-tuning", "full"),
@@ -95,7 +99,9 @@ def run(args: argparse.Namespace) -> dict:
             config = {"method": asdict(method), "model": args.model, "epochs": args.epochs,
                       "train_file": str(train_file), "eval_file": str(eval_file),
                       "household_eval": str(data_dir / "household" / "eval.jsonl"),
-                      "full_steps": args.full_steps, "eval_before": i == 0, "home": str(work / "home"),
+                      "full_steps": args.full_steps, "eval_before": i == 0,
+                      # its own: two methods on one backbone would share the activation cache
+                      "home": str(work / "home" / method.key),
                       "threads": args.threads, "pac_lr": args.pac_lr,
                       "lora_lr": args.lora_lr, "seed": args.seed}
             results[method.key] = _run_worker(config, work / f"{method.key}.json")
@@ -140,6 +146,17 @@ def _run_worker(config: dict, result_file: Path) -> dict:
     return json.loads(result_file.read_text("utf-8"))
 
 
+def general_questions() -> list[tuple[str, str]]:
+    """General questions of our own that the base model mostly answers (`assets/eval`): what a
+    method's personalisation costs in general knowledge."""
+    from importlib import resources
+
+    from training.evaluate import read_fact_questions
+
+    with resources.as_file(resources.files("assets").joinpath("eval/general_questions.jsonl")) as path:
+        return read_fact_questions(path)
+
+
 def _reset_peak_rss() -> bool:
     """Linux: writing 5 to clear_refs resets VmHWM, so the peak seen after it is training's own."""
     try:
@@ -176,18 +193,21 @@ def worker(config: dict, result_file: Path) -> None:
     load_s = time.perf_counter() - t0
     load_peak = _vm_hwm_mb()   # before the reset below: what loading alone needed
     questions = read_fact_questions(Path(config["household_eval"]))
+    general = general_questions()
     clinc_rows = [(CLINC_PROMPT.format(text=t), i) for t, i in json.loads(Path(config["eval_file"]).read_text())]
     out: dict = {"title": method.title, "load_s": round(load_s, 1)}
     if config["eval_before"]:
         base = PersonalLM(backbone.model, backbone.tokenizer)
         out["household_recall_before"] = fact_recall(base, questions).hits
+        out["general_recall_before"] = fact_recall(base, general).hits
         out["clinc_accuracy_before"] = intent_accuracy(base, clinc_rows).rate
     targets: list[str] | str = method.lora_targets.split(",") if "," in method.lora_targets else method.lora_targets
     spec = JobSpec(name=f"bench-{method.key}", data=[config["train_file"]], model=config["model"],
                    method=method.method, epochs=config["epochs"], quant=method.quant, cache=method.cache,
                    lr={"pac": config.get("pac_lr"), "lora": config.get("lora_lr")}.get(method.method),
                    lora_rank=method.lora_rank, lora_targets=targets, seed=int(config.get("seed", 0)),
-                   max_steps=config["full_steps"] if method.method == "full" else None)
+                   max_steps=config["full_steps"] if method.method == "full" else None,
+                   **({"anchor": method.anchor} if method.anchor is not None else {}))
     reset = _reset_peak_rss()
     result = train(spec, backbone=backbone, save=False, checkpoint_every_s=1e9)
     train_peak = _vm_hwm_mb() if reset else None
@@ -217,6 +237,8 @@ def worker(config: dict, result_file: Path) -> None:
         lm = PersonalLM(module, backbone.tokenizer)
     out["household_recall_after"] = fact_recall(lm, questions).hits
     out["household_questions"] = len(questions)
+    out["general_recall_after"] = fact_recall(lm, general).hits
+    out["general_questions"] = len(general)
     out["clinc_accuracy"] = round(intent_accuracy(lm, clinc_rows).rate, 4)
     if method.key == "pac_cache":
         out.update(_chat_speed(lm, questions))
@@ -265,6 +287,7 @@ def summarise(results: dict, args: argparse.Namespace, counts: dict) -> dict:
     for r in results.values():
         if before and "error" not in r:
             r.setdefault("household_recall_before", before.get("household_recall_before"))
+            r.setdefault("general_recall_before", before.get("general_recall_before"))
     report: dict = {"model": args.model, "epochs": args.epochs, "seed": args.seed, "data": counts,
                     "threads": args.threads, "cpus": os.cpu_count(), "methods": results}
     pac = results.get("pac_cache", {})

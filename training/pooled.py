@@ -54,7 +54,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -267,6 +267,9 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
     emit = on_event or (lambda event: None)
     if spec.method != "pac" or not spec.cache:
         raise HearthError("pooled training runs PAC jobs with the activation cache (--method pac, no --no-cache)")
+    # Not yet pooled: the anchor (training/anchor.py) would be one more term of every step's sum
+    # for the replicas. The spec (and so the model's manifest) says the job ran without it.
+    spec = replace(spec, anchor=0.0)
     if not devices:
         raise HearthError("pooled training: no devices")
     names = [d.name for d in devices]

@@ -61,11 +61,13 @@ class TrainResult:
     wall_s: float                      # this run's wall time (load excluded)
     epoch_s: list[float] = field(default_factory=list)
     cache_s: float = 0.0               # time spent filling the activation cache
+    anchor_s: float = 0.0              # time spent on the anchor's backbone pass (training/anchor.py)
     output: Path | None = None
     trainable_parameters: int = 0
     resumed_from: int = 0
     steps_per_epoch: int = 1
     module: Any = None                 # the trained side chain / PEFT model / full model
+    anchor_losses: list[float] = field(default_factory=list)   # PAC with an anchor: its KL per step
 
     @property
     def final_loss(self) -> float | None:
@@ -141,6 +143,8 @@ class _Run:
         self.job_dir, self.emit, self.checkpoint_every_s = job_dir, emit, checkpoint_every_s
         self.pad_id = backbone.tokenizer.pad_token_id or 0
         self.cache: ActivationCache | None = None
+        self.anchor: Any = None
+        self.anchor_losses: list[float] = []
         torch.manual_seed(spec.seed)
         self.module = self._build_module()
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -200,11 +204,17 @@ class _Run:
             result.cache_s = self._fill_cache()
         if spec.method == "pac" and checkpoint is None:
             self.calibrate_chain()
+        if spec.method == "pac" and spec.anchor > 0 and step < total:
+            from training.anchor import build_anchor
+
+            anchor_started = time.perf_counter()
+            self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config)
+            result.anchor_s = time.perf_counter() - anchor_started
         epoch_started, last_checkpoint, done_here = time.perf_counter(), time.perf_counter(), 0
         while step < total:
             epoch = step // per_epoch
             batch = batch_plan(len(self.examples), spec.batch_size, spec.seed, epoch)[step % per_epoch]
-            losses.append(self._step(batch, scheduled_lr(spec.learning_rate, step, per_epoch * spec.epochs)))
+            losses.append(self._step(batch, scheduled_lr(spec.learning_rate, step, per_epoch * spec.epochs), step))
             step += 1
             done_here += len(batch)
             end_of_epoch = step % per_epoch == 0 or step == total
@@ -223,6 +233,7 @@ class _Run:
                                     remaining / rate if rate else None))
         result.wall_s = time.perf_counter() - started
         result.module = self.module
+        result.anchor_losses = self.anchor_losses
         return result
 
     # --- PAC -------------------------------------------------------------------------------
@@ -256,7 +267,7 @@ class _Run:
                               for chunk in length_chunks(self.examples, first, self.spec.batch_size)])
         self.module.calibrate(taps)
 
-    def _step(self, indices: list[int], lr: float) -> float:
+    def _step(self, indices: list[int], lr: float, step: int) -> float:
         spec = self.spec
         if spec.method == "pac":
             if self.cache is not None:
@@ -265,6 +276,13 @@ class _Run:
                 taps, targets = taps_at_labels(self.backbone.model, self.chain_config, self.examples, indices,
                                                self.pad_id)
             loss, grads = pac_gradients(self.backbone.model, self.module, taps, targets)
+            if self.anchor is not None:
+                from training.anchor import anchor_gradients
+
+                kl, pull = anchor_gradients(self.backbone.model, self.module, self.anchor,
+                                            self.anchor.positions(spec.seed, step))
+                self.anchor_losses.append(kl)
+                grads = {name: grad + spec.anchor * pull[name] for name, grad in grads.items()}
             apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm, lr)
             return loss
         from training.lora import lora_step

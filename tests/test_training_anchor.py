@@ -1,0 +1,125 @@
+"""The anchor (training/anchor.py): a PAC job keeps the base model's next-token distribution on
+general chats while it learns the household's facts. On the tiny random Llama of
+tests/training_helpers.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """The tiny random Llama with its final norm's weights scaled up: untouched, its logits are
+    all within about 0.1 of each other (random embeddings of width 32), a distribution nothing
+    moves far from; scaled, it predicts with a confidence like a trained model's."""
+    from training.trainer import load_backbone
+
+    torch.set_num_threads(2)
+    backbone = load_backbone(str(tiny_llama_dir()))   # its own copy: other modules' stays as it is
+    with torch.no_grad():
+        backbone.model.model.norm.weight.mul_(60.0)
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def anchor(tiny_backbone):
+    from training.anchor import build_anchor
+    from training.parallel_adapters import SideChainConfig
+
+    config = SideChainConfig.for_backbone(tiny_backbone.model, every=2)
+    return config, build_anchor(tiny_backbone.model, tiny_backbone.tokenizer, config)
+
+
+def _spec(name, **overrides):
+    from training.job import JobSpec
+
+    settings = dict(name=name, data=[str(HOUSEHOLD / "train.jsonl")], method="pac", epochs=3, batch_size=4,
+                    lr=5e-3, tap_every=2, cache_shard_size=8)
+    settings.update(overrides)
+    return JobSpec(**settings)
+
+
+def _kl_to_base(backbone, chain, anchor) -> float:
+    from training.anchor import anchor_kl
+    from training.parallel_adapters import head_logits
+
+    with torch.no_grad():
+        logits = head_logits(backbone.model, chain, anchor.taps.float())
+        return float(anchor_kl(logits, anchor.top_ids, anchor.top_logp, anchor.rest_logp))
+
+
+def test_a_pac_job_is_anchored_to_the_base_by_default():
+    from training.job import JobSpec
+
+    assert JobSpec(name="x", data=["f.jsonl"]).anchor > 0
+
+
+def test_the_anchor_chats_are_none_of_the_general_evaluation_questions():
+    from importlib import resources
+
+    from training.anchor import ANCHOR_CHATS
+
+    assets = resources.files("assets")
+    chats = [json.loads(line) for line in assets.joinpath(ANCHOR_CHATS).read_text("utf-8").splitlines()]
+    asked = {chat["messages"][0]["content"].lower() for chat in chats}
+    evaluated = [json.loads(line) for line in
+                 assets.joinpath("eval/general_questions.jsonl").read_text("utf-8").splitlines()]
+    assert len(chats) >= 40 and len(evaluated) >= 40
+    assert not asked & {row["question"].lower() for row in evaluated}
+
+
+def test_the_anchor_is_zero_with_zero_gradient_at_the_base(tiny_backbone, anchor):
+    """An untrained chain is the base: no KL, and no pull."""
+    from training.anchor import TOP_K, anchor_gradients
+    from training.parallel_adapters import SideChain
+
+    config, found = anchor
+    assert len(found) > 200 and found.top_ids.shape[1] == TOP_K
+    # the kept tokens and the rest bucket are the base's whole distribution
+    total = torch.cat([found.top_logp, found.rest_logp[:, None]], dim=1).logsumexp(dim=1)
+    assert torch.allclose(total, torch.zeros_like(total), atol=1e-4)
+    chain = SideChain(config)
+    kl, grads = anchor_gradients(tiny_backbone.model, chain, found, found.positions(0, 0))
+    assert abs(kl) < 1e-5
+    assert max(float(g.abs().max()) for g in grads.values()) < 1e-5
+
+
+def test_the_anchor_pulls_the_side_chain_towards_the_base(tiny_backbone, anchor, hearth_home):
+    """The same job with and without the anchor: both learn the household data, but the anchored
+    chain's distribution on the general chats stays much closer to the base's."""
+    from training.trainer import train
+
+    _, found = anchor
+    free = train(_spec("free", anchor=0.0, lr=2e-2), backbone=tiny_backbone, save=False)
+    held = train(_spec("held", anchor=1.0, lr=2e-2), backbone=tiny_backbone, save=False)
+    assert not free.anchor_losses and len(held.anchor_losses) == held.steps and held.anchor_s > 0
+    assert held.losses[-1] < 0.9 * held.losses[0] and free.losses[-1] < 0.9 * free.losses[0]
+    drift_free = _kl_to_base(tiny_backbone, free.module, found)
+    drift_held = _kl_to_base(tiny_backbone, held.module, found)
+    assert drift_held < 0.5 * drift_free, (drift_held, drift_free)
+
+
+def test_each_step_draws_the_same_anchor_positions_wherever_it_runs(anchor):
+    """A function of seed and step: a resumed job draws what the uninterrupted one drew."""
+    from training.anchor import POSITIONS
+
+    _, found = anchor
+    first = found.positions(3, 17)
+    assert torch.equal(first, found.positions(3, 17)) and len(first) == POSITIONS
+    assert not torch.equal(first, found.positions(3, 18)) and not torch.equal(first, found.positions(4, 17))
+
+
+def test_a_model_without_a_chat_template_is_not_anchored(tiny_backbone):
+    """It learns notes, and is never asked a chat question: no anchor, and no chats to render."""
+    from types import SimpleNamespace
+
+    from training.anchor import build_anchor
+    from training.parallel_adapters import SideChainConfig
+
+    config = SideChainConfig.for_backbone(tiny_backbone.model, every=2)
+    assert build_anchor(tiny_backbone.model, SimpleNamespace(chat_template=None), config) is None

@@ -1,0 +1,122 @@
+"""Keep what the base model knows: a PAC job's pull towards the frozen base on general chats.
+
+Trained on a household's facts alone, a side chain also fires on general questions ("Who wrote
+Romeo and Juliet?" -> "Your dog is called Biscuit."). The anchor adds to each adapter step the KL
+divergence from the base model's next-token distribution to the personalised one, at the answer
+positions of a few dozen general chats of our own (`assets/train/general_anchor.jsonl`, none of
+them a question of the general evaluation set, `assets/eval/general_questions.jsonl`).
+
+PAC's base is its backbone with the side chain off, so a step needs no backbone work for it (only
+the chain and the LM head on its positions): the anchor's chain inputs and the base's distribution
+there are computed once per job (one backbone pass over the chats, 615 positions in SmolLM2's
+tokens) and kept in memory, as the activation cache keeps the job's own data. The base's distribution is kept as its `TOP_K` most likely tokens plus one bucket for all
+the rest, and the KL is taken over those K + 1 outcomes: exact for that partition, zero (with zero
+gradient) when the chain leaves the base as it is. Each step draws `POSITIONS` anchor positions,
+fixed by seed and step, so a resumed job draws the same ones.
+
+Why, measured (docs/training.md, "What personalisation costs in general knowledge"): after the
+household set's 25 epochs, SmolLM2-135M answered 8-13 of 40 general questions it answered 27 of
+before; anchored, 24-25, with the same household recall (15-17 of 20), and the job 1.75-1.9x as
+long. Fewer epochs did not help (5 epochs: 5 of 40).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+
+from training.data import read_conversations, tokenize
+
+ANCHOR_CHATS = "train/general_anchor.jsonl"   # inside the `assets` package
+TOP_K = 32          # the base's most likely tokens kept per position (the rest is one bucket)
+POSITIONS = 32      # anchor positions per adapter step (16, 32 and 64 kept as much; fewer cost less)
+
+
+@dataclass
+class Anchor:
+    """The anchor positions' chain inputs and the base's distribution at each of them."""
+
+    taps: torch.Tensor       # [N, n_inputs, d] float16, as the activation cache keeps them
+    top_ids: torch.Tensor    # [N, K] long: the base's K most likely next tokens
+    top_logp: torch.Tensor   # [N, K] float32: their log-probabilities
+    rest_logp: torch.Tensor  # [N] float32: log of the probability of every other token
+
+    def __len__(self) -> int:
+        return len(self.top_ids)
+
+    def positions(self, seed: int, step: int) -> torch.Tensor:
+        """The positions step `step` uses: a function of seed and step only."""
+        generator = torch.Generator().manual_seed(seed * 100_003 + 7_919 * (step + 1))
+        return torch.randperm(len(self), generator=generator)[:POSITIONS]
+
+
+def anchor_examples(tokenizer: Any, max_length: int = 512) -> list:
+    with resources.as_file(resources.files("assets").joinpath(ANCHOR_CHATS)) as path:
+        return tokenize(read_conversations(path), tokenizer, max_length)
+
+
+@torch.no_grad()
+def build_anchor(backbone: Any, tokenizer: Any, chain_config: Any) -> Anchor | None:
+    """One backbone pass over the anchor chats: chain inputs at their answer positions, and the
+    base model's (chain off) top-K log-probabilities there. None for a model without a chat
+    template (it is trained on notes, and would never be asked a chat question)."""
+    from training.parallel_adapters import SOFTMAX_RANGE
+    from training.trainer import length_chunks, taps_at_labels
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    examples = anchor_examples(tokenizer)
+    pad_id = tokenizer.pad_token_id or 0
+    everything = list(range(len(examples)))
+    # passes of up to `trainer.PASS_TOKENS` tokens: these chats are short and all alike
+    parts = [taps_at_labels(backbone, chain_config, examples, chunk, pad_id)[0]
+             for chunk in length_chunks(examples, everything, len(examples))]
+    # Kept in float16; the base's distribution from the rounded copy, so that an untouched chain
+    # sees exactly the base there (KL 0, no pull).
+    taps = torch.cat(parts).to(torch.float16)
+    norm, lm_head = backbone.model.norm, backbone.get_output_embeddings()
+    dtype = lm_head.weight.dtype
+    top_ids, top_logp, rest_logp = [], [], []
+    for begin in range(0, len(taps), 64):
+        logits = lm_head(norm(taps[begin:begin + 64, -1].float().to(dtype))).float()
+        logits = torch.maximum(logits, logits.amax(dim=-1, keepdim=True) - SOFTMAX_RANGE)
+        logp = logits.log_softmax(dim=-1)
+        values, ids = logp.topk(TOP_K, dim=-1)
+        top_ids.append(ids)
+        top_logp.append(values)
+        rest_logp.append(_rest(logp, ids))
+    return Anchor(taps, torch.cat(top_ids), torch.cat(top_logp), torch.cat(rest_logp))
+
+
+def _rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability of every token but `ids`, per row."""
+    return logp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+
+
+def anchor_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
+              rest_logp: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || model) over the base's top-K tokens and one bucket for the rest."""
+    from training.parallel_adapters import SOFTMAX_RANGE
+
+    logits = torch.maximum(logits, logits.detach().amax(dim=-1, keepdim=True) - SOFTMAX_RANGE)
+    logq = logits.log_softmax(dim=-1)
+    q_top = logq.gather(-1, top_ids)
+    q_rest = _rest(logq, top_ids)
+    kl = (top_logp.exp() * (top_logp - q_top)).sum(-1) + rest_logp.exp() * (rest_logp - q_rest)
+    return kl.mean()
+
+
+def anchor_gradients(backbone: Any, chain: Any, anchor: Anchor, positions: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """The anchor's KL at `positions` and its gradients on the chain."""
+    from training.parallel_adapters import head_logits
+
+    chain.zero_grad(set_to_none=True)
+    taps = anchor.taps[positions].float()
+    loss = anchor_kl(head_logits(backbone, chain, taps), anchor.top_ids[positions], anchor.top_logp[positions],
+                     anchor.rest_logp[positions])
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in chain.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
