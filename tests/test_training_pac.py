@@ -162,7 +162,7 @@ def test_cache_is_read_not_recomputed_after_epoch_one(tiny_backbone, hearth_home
     examples = tokenize(read_sources(spec.data), tiny_backbone.tokenizer, spec.max_length)
     passes = sum(len(length_chunks(examples, list(range(b, min(b + 8, 20))), 4)) for b in range(0, 20, 8))
     general = anchor_examples(tiny_backbone.tokenizer)
-    anchor_passes = len(length_chunks(general, list(range(len(general))), len(general)))
+    anchor_passes = len(length_chunks(general, list(range(len(general))), spec.batch_size))
     assert 5 <= passes <= 10 and anchor_passes >= 1 and len(calls) == passes + anchor_passes
     assert result.steps == 20
 

@@ -208,7 +208,8 @@ class _Run:
             from training.anchor import build_anchor
 
             anchor_started = time.perf_counter()
-            self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config)
+            self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config,
+                                       spec.batch_size)
             result.anchor_s = time.perf_counter() - anchor_started
         epoch_started, last_checkpoint, done_here = time.perf_counter(), time.perf_counter(), 0
         while step < total:
