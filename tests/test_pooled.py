@@ -563,3 +563,46 @@ def test_devices_too_small_for_the_backbone_train_as_a_pipeline(mesh, notes, sto
     assert len(pipeline) == 1 and len(pipeline[0].stages) == 2 and pipeline[0].share > 0, plans[0].describe()
     assert pooled.lost == [], [e.message for e in events if e.phase == "devices"]
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+
+
+def test_a_pooled_job_keeps_the_base_model_s_general_knowledge_as_a_single_device_job_does(hearth_home, tmp_path):
+    """Pooled jobs ran without the anchor (training/anchor.py), so a model trained over several
+    devices answered general questions with household facts. The anchor's pull is one more term
+    of each step's sum, computed on the coordinator: every replica still ends equal to its side
+    chain bit for bit, and the result is the single-device job's. On the tiny Llama, which has a
+    chat template (stories260K has none, so its jobs have no anchor)."""
+    from training.job import JobSpec
+    from training.pooled import train_pooled
+    from training.trainer import load_backbone
+    from training.worker_parts import CLOSE, WorkerJobs
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+
+    finals: dict[str, dict] = {}
+
+    class Recording(WorkerJobs):
+        def handle(self, owner, type, fields, tensors):
+            if type == CLOSE:
+                job = self.jobs.get(owner, fields["job"])
+                finals[self.name] = {k: v.detach().clone() for k, v in job.chain.named_parameters()}
+            return super().handle(owner, type, fields, tensors)
+
+    from training.export_gguf import export_model
+
+    gguf = export_model(str(tiny_llama_dir()), "f32", tmp_path / "tiny.gguf").path   # pooled jobs send one GGUF
+    backbone = load_backbone(str(gguf))
+    assert backbone.tokenizer.chat_template
+    with torch.no_grad():   # confident, as a trained model is: untouched its outputs are near uniform
+        backbone.model.model.norm.weight.mul_(60.0)             # and nothing pulls (test_training_anchor)
+    # A strong pull (the default is 0.3), so that eight steps of the tiny model show it beyond the
+    # tolerance that float summation order needs.
+    spec = JobSpec(name="pooled-anchor", data=[str(HOUSEHOLD / "train.jsonl")], model=str(gguf),
+                   epochs=2, seed=7, batch_size=6, anchor=30.0)
+    pooled = train_pooled(spec, _in_process(Recording, ("left", "right"), backbone), backbone=backbone, save=False)
+    assert pooled.lost == [] and set(finals) == {"left", "right"} and pooled.result.anchor_s > 0
+    master = dict(pooled.result.module.named_parameters())
+    for name, weights in finals.items():
+        assert all(torch.equal(weights[k], master[k].detach()) for k in master), name
+    single = _single(spec, backbone)
+    assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
+    without = _single(JobSpec(**{**spec.to_dict(), "anchor": 0.0}), backbone)
+    assert _max_difference(without.module, pooled.result.module) > 10 * WEIGHT_TOLERANCE   # the pull is in it

@@ -17,7 +17,8 @@ The coordinator (this module) keeps the only copy of the side chain and its opti
    backbone only for samples it has not cached yet, so epoch 1 fills each device's activation
    cache and epochs 2.. are adapter-only data parallelism. The gradients are averaged weighted
    by target tokens (the loss is a mean over tokens, so this is exactly the full batch's
-   gradient), added in a fixed order (this device first), and applied once here
+   gradient), added in a fixed order (this device first; the anchor's pull, training/anchor.py,
+   computed here, last), and applied once here
    (`job.apply_gradients`). Each device is sent the sum (`pac.apply`)
    and takes the same optimiser step, so its replica stays equal to this side chain bit for bit;
    the device whose part is the last still on its way is instead sent the others' contributions
@@ -54,7 +55,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -267,9 +268,6 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
     emit = on_event or (lambda event: None)
     if spec.method != "pac" or not spec.cache:
         raise HearthError("pooled training runs PAC jobs with the activation cache (--method pac, no --no-cache)")
-    # Not yet pooled: the anchor (training/anchor.py) would be one more term of every step's sum
-    # for the replicas. The spec (and so the model's manifest) says the job ran without it.
-    spec = replace(spec, anchor=0.0)
     if not devices:
         raise HearthError("pooled training: no devices")
     names = [d.name for d in devices]
@@ -311,6 +309,10 @@ def train_pooled(spec: JobSpec, devices: list[JobDevice], *, resume: bool = Fals
     return outcome
 
 
+# The anchor's term among a step's contributions (a device name never has parentheses).
+ANCHOR_TERM = "(anchor)"
+
+
 class _PooledJob:
     def __init__(self, spec: JobSpec, run: Any, devices: list[JobDevice], model_path: Path,
                  emit: Callable[[ProgressEvent], None], step_timeout_s: float,
@@ -339,6 +341,7 @@ class _PooledJob:
         self._sha256: str | None = None
         self.plan: Plan | None = None
         self.pipelines: dict[str, Any] = {}        # cache holder -> its planner Unit (kind "pipeline")
+        self.anchor: Any = None                    # training/anchor.py's Anchor, built on this device
 
     # --- talking to devices --------------------------------------------------------------------
 
@@ -627,6 +630,11 @@ class _PooledJob:
         for m in self.members:
             m.last_share = len(parts.get(m.name, []))
         contributions: dict[str, dict[str, torch.Tensor]] = {}
+        # The terms of the sum in their fixed order: every device's part, then the anchor's pull.
+        summands = list(order)
+        if self.anchor is not None:
+            contributions[ANCHOR_TERM] = self._anchor_term()
+            summands.append(ANCHOR_TERM)
         summed: dict[str, dict[str, torch.Tensor]] = {}
         applies: dict[str, Any] = {}
         digests: dict[str, str | None] = {}
@@ -637,16 +645,16 @@ class _PooledJob:
             # sent while its own is still on the way: the running total of the devices before
             # it and each later one, which it adds around its own in the same order.
             with lock:
-                if len(contributions) == len(order):
+                if len(contributions) == len(summands):
                     if "total" not in summed:
-                        summed["total"] = fold([contributions[o] for o in order])
+                        summed["total"] = fold([contributions[o] for o in summands])
                     tensors, after = {f"t.{k}": v for k, v in summed["total"].items()}, 0
                 else:
-                    j = order.index(name)
-                    tensors = {f"p.{k}": v for k, v in fold([contributions[o] for o in order[:j]]).items()} if j else {}
-                    for k, later in enumerate(order[j + 1:]):
+                    j = summands.index(name)
+                    tensors = {f"p.{k}": v for k, v in fold([contributions[o] for o in summands[:j]]).items()} if j else {}
+                    for k, later in enumerate(summands[j + 1:]):
                         tensors.update({f"a{k}.{n}": v for n, v in contributions[later].items()})
-                    after = len(order) - j - 1
+                    after = len(summands) - j - 1
             fields = {"job": self.job_id, "step": self.step, "attempt": self.attempt, "after": after,
                       "lr": self.lr}
             reply = self._call(by_name[name], APPLY, fields, tensors or None, timeout=self.step_timeout_s)
@@ -677,7 +685,7 @@ class _PooledJob:
                 member.trained += result.tokens
             with lock:
                 contributions[name] = weighted(result.grads, result.tokens / total)
-                ready = [x for x in receivers if x not in applies and all(o in contributions for o in order if o != x)]
+                ready = [x for x in receivers if x not in applies and all(o in contributions for o in summands if o != x)]
                 for x in ready:
                     applies[x] = self.pool.submit(apply_on, x)
             return result
@@ -698,10 +706,18 @@ class _PooledJob:
                 lost.append(exc)
         for exc in lost:
             self._gone(exc.member, exc.reason)
-        if len(contributions) < len(order):
+        if len(contributions) < len(summands):
             raise lost[0]
         loss = sum(r.loss * r.tokens for r in results) / total
-        return loss, summed.get("total") or fold([contributions[o] for o in order]), digests
+        return loss, summed.get("total") or fold([contributions[o] for o in summands]), digests
+
+    def _anchor_term(self) -> dict[str, torch.Tensor]:
+        """The anchor's pull at this step, weighted as the single-device job adds it (trainer)."""
+        from training.anchor import anchor_gradients
+
+        _, pull = anchor_gradients(self.run.backbone.model, self.run.module, self.anchor,
+                                   self.anchor.positions(self.spec.seed, self.step))
+        return {name: self.spec.anchor * grad for name, grad in pull.items()}
 
     def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
         """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
@@ -827,6 +843,15 @@ class _PooledJob:
         started = time.perf_counter()
         if checkpoint is None:
             run.calibrate_chain()   # here, on the coordinator; replicas get the statistics with the state
+        if spec.anchor > 0 and step < total:
+            from training.anchor import build_anchor
+
+            # Here only: the anchor's pull is one more term of each step's sum, computed on this
+            # device's side chain (equal to every replica's before the step), so replicas need
+            # neither the anchor chats nor the base's distribution.
+            anchor_started = time.perf_counter()
+            self.anchor = build_anchor(run.backbone.model, run.backbone.tokenizer, run.chain_config, spec.batch_size)
+            result.anchor_s = time.perf_counter() - anchor_started
         epoch_started, epoch_steps, epoch_bytes = time.perf_counter(), 0, self.bytes
         last_checkpoint, done_here = time.perf_counter(), 0
         while step < total:
