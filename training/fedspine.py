@@ -9,14 +9,15 @@ the round at its deadline or as soon as a quorum has reported, whichever is firs
 arrive later, for another round, twice, or from devices not in the round change nothing in the
 model (a late report still teaches that device's bandit how slow the arm was).
 
-- Planned rounds (when the server is given a `RoundCost`, as the simulator's FedSpine is): each
+- Planned rounds (when the server is given a `RoundCost`, as the mesh coordinator's and the
+  simulator's FedSpine are): each
   report gives the device's compute and link rates, so the time of every (ratio, rank) it has not
   played is predicted; the round length T is the slowest device's fastest option at the schedule;
   one S-UCB bandit shared by all devices (over pruning beyond the schedule x rank) picks each
   device's cell among those it finishes within T, and is rewarded by the global model's progress
   (the drop in the devices' loss before training from one round to the next), not by a device's
-  own loss or time. Without a `RoundCost` (the mesh coordinator today) each device's own bandit
-  chooses, as below.
+  own loss or time. Without a `RoundCost` (the simulator's baselines, mesh jobs checkpointed
+  before 2026-12-05) each device's own bandit chooses, as below.
 - Sparsity schedule: the target is reached over `ramp_rounds` rounds after `warmup_rounds`
   (cubic, as in gradual magnitude pruning: fast early, gentle near the target). A device prunes at
   least the scheduled sparsity; its bandit may choose more to finish faster, but only a device

@@ -341,7 +341,6 @@ class _PooledJob:
         self._sha256: str | None = None
         self.plan: Plan | None = None
         self.pipelines: dict[str, Any] = {}        # cache holder -> its planner Unit (kind "pipeline")
-        self.anchor: Any = None                    # training/anchor.py's Anchor, built on this device
 
     # --- talking to devices --------------------------------------------------------------------
 
@@ -632,8 +631,8 @@ class _PooledJob:
         contributions: dict[str, dict[str, torch.Tensor]] = {}
         # The terms of the sum in their fixed order: every device's part, then the anchor's pull.
         summands = list(order)
-        if self.anchor is not None:
-            contributions[ANCHOR_TERM] = self._anchor_term()
+        if self.run.anchor is not None:
+            contributions[ANCHOR_TERM] = self.run.anchor_pull(self.step)
             summands.append(ANCHOR_TERM)
         summed: dict[str, dict[str, torch.Tensor]] = {}
         applies: dict[str, Any] = {}
@@ -710,14 +709,6 @@ class _PooledJob:
             raise lost[0]
         loss = sum(r.loss * r.tokens for r in results) / total
         return loss, summed.get("total") or fold([contributions[o] for o in summands]), digests
-
-    def _anchor_term(self) -> dict[str, torch.Tensor]:
-        """The anchor's pull at this step, weighted as the single-device job adds it (trainer)."""
-        from training.anchor import anchor_gradients
-
-        _, pull = anchor_gradients(self.run.backbone.model, self.run.module, self.anchor,
-                                   self.anchor.positions(self.spec.seed, self.step))
-        return {name: self.spec.anchor * grad for name, grad in pull.items()}
 
     def _fill_pipeline(self, holder: _Member, indices: list[int]) -> None:
         """Epoch 1 through a pipeline: each stage runs its layers and hands the activations
@@ -843,15 +834,11 @@ class _PooledJob:
         started = time.perf_counter()
         if checkpoint is None:
             run.calibrate_chain()   # here, on the coordinator; replicas get the statistics with the state
-        if spec.anchor > 0 and step < total:
-            from training.anchor import build_anchor
-
+        if step < total:
             # Here only: the anchor's pull is one more term of each step's sum, computed on this
             # device's side chain (equal to every replica's before the step), so replicas need
             # neither the anchor chats nor the base's distribution.
-            anchor_started = time.perf_counter()
-            self.anchor = build_anchor(run.backbone.model, run.backbone.tokenizer, run.chain_config, spec.batch_size)
-            result.anchor_s = time.perf_counter() - anchor_started
+            result.anchor_s = run.build_anchor()
         epoch_started, epoch_steps, epoch_bytes = time.perf_counter(), 0, self.bytes
         last_checkpoint, done_here = time.perf_counter(), 0
         while step < total:

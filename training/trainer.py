@@ -204,13 +204,8 @@ class _Run:
             result.cache_s = self._fill_cache()
         if spec.method == "pac" and checkpoint is None:
             self.calibrate_chain()
-        if spec.method == "pac" and spec.anchor > 0 and step < total:
-            from training.anchor import build_anchor
-
-            anchor_started = time.perf_counter()
-            self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config,
-                                       spec.batch_size)
-            result.anchor_s = time.perf_counter() - anchor_started
+        if step < total:
+            result.anchor_s = self.build_anchor()
         epoch_started, last_checkpoint, done_here = time.perf_counter(), time.perf_counter(), 0
         while step < total:
             epoch = step // per_epoch
@@ -268,6 +263,27 @@ class _Run:
                               for chunk in length_chunks(self.examples, first, self.spec.batch_size)])
         self.module.calibrate(taps)
 
+    def build_anchor(self) -> float:
+        """Build the job's anchor (training/anchor.py), if it has one; the seconds that took."""
+        if self.spec.method != "pac" or self.spec.anchor <= 0:
+            return 0.0
+        from training.anchor import build_anchor
+
+        started = time.perf_counter()
+        self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config,
+                                   self.spec.batch_size)
+        return time.perf_counter() - started
+
+    def anchor_pull(self, step: int) -> dict[str, torch.Tensor]:
+        """The anchor's gradient at `step` on this side chain, weighted: a term of the step's sum
+        (added here; pooled jobs add it to the devices' parts)."""
+        from training.anchor import anchor_gradients
+
+        kl, pull = anchor_gradients(self.backbone.model, self.module, self.anchor,
+                                    self.anchor.positions(self.spec.seed, step))
+        self.anchor_losses.append(kl)
+        return {name: self.spec.anchor * grad for name, grad in pull.items()}
+
     def _step(self, indices: list[int], lr: float, step: int) -> float:
         spec = self.spec
         if spec.method == "pac":
@@ -278,12 +294,8 @@ class _Run:
                                                self.pad_id)
             loss, grads = pac_gradients(self.backbone.model, self.module, taps, targets)
             if self.anchor is not None:
-                from training.anchor import anchor_gradients
-
-                kl, pull = anchor_gradients(self.backbone.model, self.module, self.anchor,
-                                            self.anchor.positions(spec.seed, step))
-                self.anchor_losses.append(kl)
-                grads = {name: grad + spec.anchor * pull[name] for name, grad in grads.items()}
+                pull = self.anchor_pull(step)
+                grads = {name: grad + pull[name] for name, grad in grads.items()}
             apply_gradients(self.module, self.optimizer, grads, spec.max_grad_norm, lr)
             return loss
         from training.lora import lora_step
