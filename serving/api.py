@@ -6,7 +6,7 @@ Every request needs `Authorization: Bearer <serve.token>` (made and saved on fir
 Bad requests get a 4xx with an OpenAI-shaped JSON error saying why; the server keeps serving.
 One reply is generated at a time (one model in memory); a client that hangs up mid-stream
 cancels its reply. A served model retrained or exported while the server runs is loaded again
-before the next reply (`Reload`).
+before the next reply (serving/reload.py).
 
 What is not here: the engines (training/engines.py), chat history (serving/history.py).
 """
@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -27,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from core.errors import HearthError
+from serving.reload import Reload
 from training.engines import ChatEngine, ChatMessage, ReplyEnd, SamplingSettings
 
 HOST = "127.0.0.1"           # never another interface: the API is for this computer only
@@ -59,22 +60,6 @@ class ApiSettings:
     model_id: str
     port: int = 0                         # 0: any free port (tests)
     defaults: SamplingSettings = field(default_factory=SamplingSettings)
-
-
-@dataclass
-class Reload:
-    """How the server notices that its model changed on disk and loads it again.
-
-    A retrain renames a new folder into the model's place and an export adds the GGUF it then
-    runs as; a server that kept the engine it started with answered with the old weights until
-    it was restarted. `stamp` is what changes when the model does (model_store.model_stamp),
-    `loaded` its value when the engine was opened, `open` opens the engine again, `note` tells
-    the person running the server what happened."""
-
-    loaded: str
-    stamp: Callable[[], str]
-    open: Callable[[], ChatEngine]
-    note: Callable[[str], None] = lambda message: None
 
 
 def ensure_token() -> tuple[str, bool]:
@@ -175,6 +160,7 @@ class ChatServer:
     """An OpenAI-compatible HTTP server for one engine, bound to 127.0.0.1."""
 
     def __init__(self, engine: ChatEngine, settings: ApiSettings, reload: Reload | None = None):
+        """`reload`: the engine's model followed on disk (None: `engine` answers until the end)."""
         if not settings.token:
             raise HearthError("serve.token is empty: the local API never runs without authentication")
         self.engine, self.settings, self._reload = engine, settings, reload
@@ -212,26 +198,9 @@ class ChatServer:
             yield None if cancel.is_set() else self._current_engine()
 
     def _current_engine(self) -> ChatEngine:
-        reload = self._reload
-        if reload is None:
-            return self.engine
-        stamp = reload.stamp()
-        if stamp == reload.loaded:
-            return self.engine
-        reload.loaded = stamp   # tried once per change: a model that fails to load is not retried per request
-        try:
-            # Opened before the old one is closed: a model caught half-written, or broken, leaves
-            # the server answering with the one it had rather than with nothing.
-            engine = reload.open()
-        except Exception as exc:   # noqa: BLE001 (whatever stops it loading, the old model still answers)
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            reload.note(f"{self.settings.model_id} changed on disk but did not load ({reason}); "
-                        "still serving the one loaded before")
-            return self.engine
-        self.engine.close()
-        self.engine = engine
-        reload.note(f"{self.settings.model_id} changed on disk (retrained or exported): loaded again")
-        return engine
+        if self._reload is not None:
+            self.engine = self._reload.fresh(self.engine)
+        return self.engine
 
     @contextmanager
     def reply(self):

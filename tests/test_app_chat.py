@@ -336,3 +336,49 @@ async def test_deleting_a_conversation_asks_then_erases_it(hearth_home, stories_
                 await settle(pilot, app)
         assert History().conversations() == []
         assert len(app.screen.query_one("#conversations").children) == 0
+
+
+@run_async
+async def test_the_chat_says_when_its_model_was_retrained_and_loads_it(hearth_home):
+    """The app's chat loads a model retrained while it is open before the next answer, and says
+    so; a change that does not load leaves the one before answering, with a warning (it left
+    the chat with no model)."""
+    from core.paths import hearth_paths
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+    from training.job import JobSpec
+    from training.model_store import MANIFEST
+    from training.trainer import train
+
+    def retrain() -> None:
+        train(JobSpec("family", [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()), method="lora", epochs=1))
+
+    def said(text: str) -> list[str]:
+        return [severity for message, severity in notes if text in message]
+
+    retrain()
+    write_config(hearth_home, chat={"model": "family", "threads": 1, "max_tokens": 3, "temperature": 0.0,
+                                    "context_length": 512})
+    app = make_app()
+    notes: list[tuple[str, str]] = []   # notifications time out of the screen: keep what was said
+    notify = app.notify
+
+    def keep(message, *args, severity="information", **kwargs):
+        notes.append((str(message), severity))
+        return notify(message, *args, severity=severity, **kwargs)
+
+    app.notify = keep
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await _ask(pilot, app, "hello")
+        await _answered(pilot, app)
+        assert not said("changed on disk")
+        retrain()
+        await _ask(pilot, app, "hello again")
+        await _answered(pilot, app)
+        assert said("loaded again") == ["information"]
+        (hearth_paths().models_dir / "family" / MANIFEST).write_text("{not json")
+        await _ask(pilot, app, "and again")
+        await _answered(pilot, app)
+        assert said("did not load") == ["warning"]
+        stored = History().messages(app.screen.conversation_id)
+        assert [m.role for m in stored] == ["user", "assistant"] * 3   # every question answered

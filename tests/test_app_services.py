@@ -115,14 +115,18 @@ def test_a_model_not_on_this_device_is_refused_not_downloaded(hearth_home, tmp_p
 @pytest.mark.slow
 def test_chat_answers_with_a_model_as_it_is_on_disk_after_a_retrain_or_an_export(hearth_home):
     """Teach in Chat, retrain the active model, chat on: the chat kept the model it had loaded
-    (the old weights) until the app restarted; an export's GGUF ran only after a restart too."""
+    (the old weights) until the app restarted; an export's GGUF ran only after a restart too.
+    A change that does not load left the chat with no model at all; now the one before answers
+    and the screen is told (`take_notes`)."""
     from app.services.chat import ChatService
     from app.services.train import TrainPlan, TrainService
     from core.config import load_config
+    from core.paths import hearth_paths
     from serving.history import History
     from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
     from training.engines import LlamaCppEngine
     from training.export_gguf import export_model
+    from training.model_store import MANIFEST
 
     def train() -> None:
         TrainService("here").run(TrainPlan("family", [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()),
@@ -132,11 +136,18 @@ def test_chat_answers_with_a_model_as_it_is_on_disk_after_a_retrain_or_an_export
     chat = ChatService(History(), load_config())
     first = chat.engine("family")
     assert chat.engine("family") is first                  # loaded once while nothing changes
+    assert chat.take_notes() == []
     train()
     retrained = chat.engine("family")
     assert retrained is not first
+    assert [note.loaded for note in chat.take_notes()] == [True]
     export_model("family", "q8_0")
     exported = chat.engine("family")
     assert isinstance(exported, LlamaCppEngine) and not isinstance(retrained, LlamaCppEngine)
     assert chat.engine("family") is exported
+    (hearth_paths().models_dir / "family" / MANIFEST).write_text("{not json")
+    assert chat.engine("family") is exported               # the one before still answers
+    notes = chat.take_notes()
+    assert [note.loaded for note in notes] == [True, False] and "did not load" in notes[1].text
+    assert chat.loaded_model == "family"
     chat.close()

@@ -136,3 +136,44 @@ def test_a_closed_terminal_keeps_the_answer_said_so_far(tmp_path: Path, monkeypa
     [(role, kept)] = messages[1:]
     assert role == "assistant" and " ".join(kept.split()).startswith(shown[:40])
     assert len(kept.split()) < 300   # cut short, not the whole 400-token story
+
+
+@pytest.mark.slow
+def test_an_open_chat_answers_with_the_model_retrained_while_it_was_open(hearth_home: Path):
+    """`hearth chat --model family` kept the engine it started with: a retrain while it was
+    open went unused until it was restarted. Now the model is loaded again before the next
+    answer; a change that does not load leaves the old model answering. Each time it says so
+    on stderr."""
+    from core.paths import hearth_paths
+    from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
+    from training.job import JobSpec
+    from training.model_store import MANIFEST
+    from training.trainer import train
+
+    def retrain() -> None:
+        train(JobSpec("family", [str(HOUSEHOLD / "train.jsonl")], str(tiny_llama_dir()), method="lora", epochs=1))
+
+    retrain()
+    chat = subprocess.Popen([sys.executable, "-m", "app", "chat", "--model", "family", "--max-tokens", "3",
+                             "--no-history"], env=env_for(hearth_home), cwd=REPO_ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ask() -> str:
+        chat.stdin.write("hello\n")
+        chat.stdin.flush()
+        return chat.stdout.readline()   # an answer is one line, however short
+
+    try:
+        assert ask().endswith("\n")
+        retrain()
+        assert ask().endswith("\n")
+        (hearth_paths().models_dir / "family" / MANIFEST).write_text("{not json")
+        assert ask().endswith("\n")   # still answering, with the retrained model
+        chat.stdin.close()
+        assert chat.wait(timeout=120) == 0
+    finally:
+        chat.kill()
+    notes = chat.stderr.read().splitlines()
+    assert len(notes) == 2, notes
+    assert notes[0] == "family changed on disk (retrained or exported): loaded again"
+    assert notes[1].startswith("family changed on disk but did not load (")

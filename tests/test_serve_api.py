@@ -222,12 +222,12 @@ def test_a_served_model_retrained_or_exported_is_loaded_again_before_the_next_re
     was restarted. A model that changes on disk into something that does not load leaves the
     server answering with the one it had."""
     from core.paths import hearth_paths
-    from serving.api import Reload
+    from serving.reload import Reload
     from tests.training_helpers import HOUSEHOLD, tiny_llama_dir
     from training.engines import open_engine
     from training.export_gguf import export_model
     from training.job import JobSpec
-    from training.model_store import MANIFEST, model_stamp
+    from training.model_store import MANIFEST
     from training.trainer import train
 
     def retrain() -> None:
@@ -244,9 +244,9 @@ def test_a_served_model_retrained_or_exported_is_loaded_again_before_the_next_re
 
     retrain()
     notes: list[str] = []
-    first = load()
-    srv = ChatServer(first, ApiSettings(TOKEN, "family", 0), Reload(model_stamp("family"),
-                     lambda: model_stamp("family"), load, notes.append))
+    reload = Reload("family", load, lambda message, loaded: notes.append(message))
+    first = reload.open()
+    srv = ChatServer(first, ApiSettings(TOKEN, "family", 0), reload)
     srv.start()
     try:
         ask()

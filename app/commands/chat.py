@@ -4,7 +4,8 @@ On a terminal: type a message, the answer streams; Ctrl-C stops the answer (not 
 Ctrl-D or /quit ends. When stdin is not a terminal, each input line is one user turn and each
 answer is printed in full on its own line, so scripts can use it; end of input ends the chat.
 A closed terminal (SIGHUP) or SIGTERM stops an answer at its next token, keeps what it had said
-in the history, and ends the program (status 129 / 143).
+in the history, and ends the program (status 129 / 143). A model retrained or exported while
+the chat is open is loaded again before the next answer (said on stderr).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from core.config import load_config
     from app.commands.models import fetch
+    from serving.reload import Reload
     from training.engines import ChatMessage, SamplingSettings, open_engine
 
     config = load_config()
@@ -47,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"Loading {model}...", file=sys.stderr, flush=True)
     fetch(model)
-    engine = open_engine(model, int(chat["context_length"]), int(chat["threads"]))
+    # A model retrained or exported while the chat is open is loaded again before the next answer.
+    reload = Reload(model, lambda: open_engine(model, int(chat["context_length"]), int(chat["threads"])),
+                    lambda message, loaded: print(message, file=sys.stderr, flush=True))
+    engine = reload.open()
     messages = [ChatMessage("system", system)] if system else []
     # The conversation goes into the chat history (serving/history.py) as the app's do; it is
     # created at the first question, so a session with none leaves nothing behind.
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             messages.append(ChatMessage("user", text))
             if history:
                 history.add("user", text)
+            engine = reload.fresh(engine)
             reply = _answer(engine, messages, settings, interactive, cancel, signals)
             messages.append(ChatMessage("assistant", reply))
             if history and reply:

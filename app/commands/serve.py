@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from app.commands.models import fetch
     from core.config import load_config
     from core.errors import HearthError
-    from serving.api import ApiSettings, ChatServer, Reload, ensure_token
+    from serving.api import ApiSettings, ChatServer, ensure_token
+    from serving.reload import Reload
     from training.engines import SamplingSettings, open_engine
-    from training.model_store import model_stamp
 
     config = load_config()
     chat = config.section("chat")
@@ -36,17 +36,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"Loading {model}...", file=sys.stderr, flush=True)
     fetch(model)
 
-    def load():
-        return open_engine(model, int(chat["context_length"]), int(chat["threads"]))
-
-    def note(message: str) -> None:
+    def note(message: str, loaded: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    stamp = model_stamp(model)   # before loading: a change made while it loads is seen
-    engine = load()
+    reload = Reload(model, lambda: open_engine(model, int(chat["context_length"]), int(chat["threads"])), note)
+    engine = reload.open()
     try:
-        server = ChatServer(engine, ApiSettings(token, engine.name, port, SamplingSettings.from_config(chat)),
-                            Reload(stamp, lambda: model_stamp(model), load, note))
+        server = ChatServer(engine, ApiSettings(token, engine.name, port, SamplingSettings.from_config(chat)), reload)
     except OSError as exc:
         engine.close()
         raise HearthError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None

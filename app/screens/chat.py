@@ -284,6 +284,7 @@ class ChatScreen(Screen):
         self._live = None
         self._set_status(f"{self.chat.loaded_model}: answer stopped." if message.stopped else f"{self.chat.loaded_model}: ready.")
         self._fill_conversations()
+        self._show_model_notes()
 
     @on(ReplyFailed)
     def _failed(self, message: ReplyFailed) -> None:
@@ -295,6 +296,7 @@ class ChatScreen(Screen):
             self._live = None
         self._set_status(f"No answer: {message.error}")
         self.notify(message.error, title="No answer", severity="error")
+        self._show_model_notes()
 
     def action_stop(self) -> None:
         if self._stream_conversation is not None:
@@ -330,6 +332,13 @@ class ChatScreen(Screen):
             self._set_status(f"Cannot load {message.model}: {message.error}")
         elif self._stream_conversation is None:
             self._set_status(f"{message.model}: ready.")
+        self._show_model_notes()
+
+    def _show_model_notes(self) -> None:
+        """Say that the model was retrained or exported since it was loaded, and whether the
+        new one answers now."""
+        for note in self.chat.take_notes():
+            self.notify(note.text, severity="information" if note.loaded else "warning")
 
     def _set_status(self, text: str) -> None:
         self._status = text

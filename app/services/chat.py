@@ -9,6 +9,7 @@ how a model answers (training/engines.py) or how messages are stored (serving/hi
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,16 @@ from pathlib import Path
 from app.services.models import require_here
 from core.config import Config
 from serving.history import Conversation, History, Message
+from serving.reload import Reload
 from training.engines import ChatEngine, ChatMessage, SamplingSettings
-from training.model_store import model_stamp
+
+
+@dataclass
+class Note:
+    """Something the person should know about the loaded model (serving/reload.py)."""
+
+    text: str
+    loaded: bool   # False: the changed model did not load; the one before still answers
 
 
 @dataclass
@@ -40,9 +49,9 @@ class ChatService:
         self.default_system_prompt = str(self._chat["system_prompt"])
         self._open = open_engine
         self._engine: ChatEngine | None = None
-        self._engine_model = ""
-        self._engine_stamp = ""          # model_store.model_stamp of the loaded model
+        self._reload: Reload | None = None   # follows the loaded engine's model on disk
         self._engine_lock = threading.Lock()
+        self._notes: deque[Note] = deque()   # appended by worker threads, taken by the screen
         # Streams in progress: close() stops them and waits before freeing the engine (freeing
         # llama.cpp's context under a running decode would crash the process).
         self._streams: set[threading.Event] = set()
@@ -98,29 +107,43 @@ class ChatService:
 
     def engine(self, model: str) -> ChatEngine:
         """The engine for `model`, loading it (seconds) unless it is the one already loaded, as
-        it is on disk now (retrained or exported since: loaded again)."""
+        it is on disk now (retrained or exported since: loaded again, see `take_notes`)."""
         with self._engine_lock:
             if self._closed:
                 from core.errors import HearthError
 
                 raise HearthError("the chat service is closed")
-            stamp = model_stamp(model)
-            if self._engine is None or (self._engine_model, self._engine_stamp) != (model, stamp):
-                if self._engine is not None:
-                    self._engine.close()
-                    self._engine = None
-                opener = self._open
-                if opener is None:
-                    from training.engines import open_engine as opener
+            if self._engine is not None and self._reload is not None and self._reload.model == model:
+                self._engine = self._reload.fresh(self._engine)
+                return self._engine
+            if self._engine is not None:
+                # Another model: the old one goes first (a weak computer may not hold two).
+                self._engine.close()
+                self._engine, self._reload = None, None
+            opener = self._open
+            if opener is None:
+                from training.engines import open_engine as opener
 
-                    require_here(model)
-                self._engine = opener(model, int(self._chat["context_length"]), int(self._chat["threads"]))
-                self._engine_model, self._engine_stamp = model, stamp
+                require_here(model)
+            context, threads = int(self._chat["context_length"]), int(self._chat["threads"])
+            reload = Reload(model, lambda: opener(model, context, threads), self._note)
+            self._engine, self._reload = reload.open(), reload
             return self._engine
+
+    def _note(self, message: str, loaded: bool) -> None:
+        self._notes.append(Note(message, loaded))
+
+    def take_notes(self) -> list[Note]:
+        """What happened to the loaded model since last asked (retrained or exported: loaded
+        again, or failed to load and the one before still answers), for the screen to show."""
+        notes = []
+        while self._notes:
+            notes.append(self._notes.popleft())
+        return notes
 
     @property
     def loaded_model(self) -> str:
-        return self._engine_model if self._engine is not None else ""
+        return self._reload.model if self._engine is not None and self._reload is not None else ""
 
     def add_user_message(self, conversation_id: int, text: str) -> Message:
         return self.history.add_message(conversation_id, "user", text)
