@@ -295,6 +295,13 @@ async def test_private_data_is_offered_and_withdrawn_from_the_devices_screen(hea
         await wait_until(pilot, lambda: "20 conversations" in statement(), 30, "the private data statement")
         assert load_config().get("mesh.private_data") == [str((HOUSEHOLD / "train.jsonl").resolve())]
         assert fed_info() == {"examples": 20, "sources": 1}
+        app.clear_notifications()
+        await offer(HOUSEHOLD / ".." / HOUSEHOLD.name / "train.jsonl")   # the same file again: kept once
+        await wait_until(pilot, lambda: any("Offered" in str(n.message) for n in app._notifications), 30,
+                         "the offer done")
+        await pilot.pause()
+        assert "20 conversations" in statement() and fed_info() == {"examples": 20, "sources": 1}
+        assert load_config().get("mesh.private_data") == [str((HOUSEHOLD / "train.jsonl").resolve())]
         app.screen.action_withdraw_private()
         await wait_until(pilot, lambda: "No private data" in statement(), 30, "the data withdrawn")
         assert load_config().get("mesh.private_data") == [] and fed_info()["examples"] == 0

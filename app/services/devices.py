@@ -142,7 +142,9 @@ class DevicesService:
         from training.data import source_path
         from training.part_fields import local_data
 
-        paths = [*load_config().get("mesh.private_data"), str(source_path(path))]
+        offered = load_config().get("mesh.private_data")
+        new = str(source_path(path))
+        paths = offered if new in offered else [*offered, new]   # offered again: kept once
         found = local_data(paths)          # every source, the new one with the others
         set_value("mesh.private_data", paths)
         self._now_offered(found)
