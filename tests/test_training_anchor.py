@@ -28,11 +28,12 @@ def tiny_backbone():
 
 @pytest.fixture(scope="module")
 def anchor(tiny_backbone):
-    from training.anchor import build_anchor
+    from training.anchor import anchor_examples, build_anchor
     from training.parallel_adapters import SideChainConfig
 
     config = SideChainConfig.for_backbone(tiny_backbone.model, every=2)
-    return config, build_anchor(tiny_backbone.model, tiny_backbone.tokenizer, config)
+    return config, build_anchor(tiny_backbone.model, tiny_backbone.tokenizer, config,
+                                anchor_examples(tiny_backbone.tokenizer))
 
 
 def _spec(name, **overrides):
@@ -118,8 +119,57 @@ def test_a_model_without_a_chat_template_is_not_anchored(tiny_backbone):
     """It learns notes, and is never asked a chat question: no anchor, and no chats to render."""
     from types import SimpleNamespace
 
-    from training.anchor import build_anchor
+    from training.anchor import job_anchor
     from training.parallel_adapters import SideChainConfig
 
     config = SideChainConfig.for_backbone(tiny_backbone.model, every=2)
-    assert build_anchor(tiny_backbone.model, SimpleNamespace(chat_template=None), config) is None
+    notes_only = SimpleNamespace(model=tiny_backbone.model, tokenizer=SimpleNamespace(chat_template=None),
+                                 identity=tiny_backbone.identity)
+    assert job_anchor(notes_only, config) is None
+
+
+def test_the_anchor_is_built_once_per_base_and_read_by_later_jobs(tiny_backbone, anchor, hearth_home, monkeypatch):
+    """Every job of a base built the same anchor again (about 4 s of backbone work on SmolLM2, a
+    sixth of the household job). Now the first job keeps it; a later job reads exactly what it
+    would have built; a kept file that is damaged is built anew (a base whose weights changed
+    has another key: the next test)."""
+    import training.anchor as anchor_module
+    from training.anchor import anchor_examples, anchor_path, job_anchor
+
+    config, built = anchor
+    builds = []
+    real_build = anchor_module.build_anchor
+    monkeypatch.setattr(anchor_module, "build_anchor", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+
+    def same(found) -> bool:
+        return all(torch.equal(getattr(found, name), getattr(built, name))
+                   for name in ("taps", "top_ids", "top_logp", "rest_logp"))
+
+    first = job_anchor(tiny_backbone, config)
+    assert builds == [1] and same(first)
+    assert same(job_anchor(tiny_backbone, config)) and builds == [1]      # read, not built
+    path = anchor_path(tiny_backbone.identity, tiny_backbone.tokenizer, config,
+                       anchor_examples(tiny_backbone.tokenizer))
+    assert path.is_file() and hearth_home in path.parents
+    path.write_bytes(path.read_bytes()[:100])                                # a damaged file
+    assert same(job_anchor(tiny_backbone, config)) and builds == [1, 1]
+    assert same(job_anchor(tiny_backbone, config)) and builds == [1, 1]      # and kept whole again
+
+
+def test_a_base_whose_weights_change_at_the_same_path_gets_another_key(tmp_path):
+    """A model pruned again under the same name keeps its folder: the caches keyed on the
+    backbone (activation cache, anchor) must not take it for the old one."""
+    import os
+
+    from training.trainer import files_stamp
+
+    folder = tmp_path / "p30"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before = files_stamp(folder)
+    assert files_stamp(folder) == before
+    weights.write_bytes(b"b" * 64)                      # the same size, written again
+    os.utime(weights, ns=(1, 1))
+    assert files_stamp(folder) != before
+    assert files_stamp(None) == ""

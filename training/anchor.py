@@ -8,8 +8,8 @@ them a question of the general evaluation set, `assets/eval/general_questions.js
 
 PAC's base is its backbone with the side chain off, so a step needs no backbone work for it (only
 the chain and the LM head on its positions): the anchor's chain inputs and the base's distribution
-there are computed once per job (one backbone pass over the chats, 615 positions in SmolLM2's
-tokens) and kept in memory, as the activation cache keeps the job's own data. The base's distribution is kept as its `TOP_K` most likely tokens plus one bucket for all
+there are computed once per base (one backbone pass over the chats, 615 positions in SmolLM2's
+tokens, about 4 s) and kept on disk (`job_anchor`), as the activation cache keeps a job's own data. The base's distribution is kept as its `TOP_K` most likely tokens plus one bucket for all
 the rest, and the KL is taken over those K + 1 outcomes: exact for that partition, zero (with zero
 gradient) when the chain leaves the base as it is. Each step draws `POSITIONS` anchor positions,
 fixed by seed and step, so a resumed job draws the same ones.
@@ -24,11 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.data import read_conversations, tokenize
+from core.atomic import atomic_write_bytes
+from core.paths import hearth_paths
+from training.activation_cache import CacheKey, tokenizer_fingerprint
+from training.data import examples_fingerprint, read_conversations, tokenize
 
 ANCHOR_CHATS = "train/general_anchor.jsonl"   # inside the `assets` package
 TOP_K = 32          # the base's most likely tokens kept per position (the rest is one bucket)
@@ -59,17 +63,63 @@ def anchor_examples(tokenizer: Any, max_length: int = 512) -> list:
         return tokenize(read_conversations(path), tokenizer, max_length)
 
 
-@torch.no_grad()
-def build_anchor(backbone: Any, tokenizer: Any, chain_config: Any, batch_size: int = 4) -> Anchor | None:
-    """One backbone pass over the anchor chats: chain inputs at their answer positions, and the
-    base model's (chain off) top-K log-probabilities there. None for a model without a chat
-    template (it is trained on notes, and would never be asked a chat question)."""
-    from training.parallel_adapters import SOFTMAX_RANGE
-    from training.trainer import length_chunks, taps_at_labels
-
+def job_anchor(backbone: Any, chain_config: Any, batch_size: int = 4) -> Anchor | None:
+    """The anchor of a job on `backbone` (a trainer.Backbone): kept on disk per base and side
+    chain layout, so only the first job of a base pays for its backbone pass (a family retrains
+    after every few taught answers). None for a model without a chat template (it is trained on
+    notes, and would never be asked a chat question)."""
+    tokenizer = backbone.tokenizer
     if getattr(tokenizer, "chat_template", None) is None:
         return None
     examples = anchor_examples(tokenizer)
+    path = anchor_path(backbone.identity, tokenizer, chain_config, examples)
+    anchor = load_anchor(path, chain_config)
+    if anchor is None:
+        anchor = build_anchor(backbone.model, tokenizer, chain_config, examples, batch_size)
+        save_anchor(anchor, path)
+    return anchor
+
+
+def anchor_path(identity: str, tokenizer: Any, chain_config: Any, examples: list) -> Path:
+    """Where the anchor of this base (its weights' identity, trainer.load_backbone), tokenizer,
+    chain inputs and anchor chats is kept: keyed as an activation cache is."""
+    key = CacheKey(identity, tokenizer_fingerprint(tokenizer), examples_fingerprint(examples),
+                   tuple(chain_config.taps), "float16", tuple(chain_config.means), chain_config.mean_decay)
+    return hearth_paths().cache_dir / "anchors" / f"{key.digest()}-top{TOP_K}.safetensors"
+
+
+def load_anchor(path: Path, chain_config: Any) -> Anchor | None:
+    """The anchor kept at `path`; None when there is none, or it is unreadable or of another
+    shape (then it is built again and replaces it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        found = load_file(str(path))
+        anchor = Anchor(found["taps"], found["top_ids"], found["top_logp"], found["rest_logp"])
+    except (OSError, KeyError, SafetensorError):
+        return None
+    n = len(anchor.top_ids)
+    shapes_fit = (anchor.taps.shape == (n, chain_config.n_inputs, chain_config.hidden_size)
+                  and anchor.top_ids.shape == anchor.top_logp.shape == (n, TOP_K) and anchor.rest_logp.shape == (n,))
+    return anchor if shapes_fit and n > 0 else None
+
+
+def save_anchor(anchor: Anchor, path: Path) -> None:
+    from safetensors.torch import save
+
+    tensors = {"taps": anchor.taps, "top_ids": anchor.top_ids, "top_logp": anchor.top_logp,
+               "rest_logp": anchor.rest_logp}
+    atomic_write_bytes(path, save({name: t.contiguous() for name, t in tensors.items()}))
+
+
+@torch.no_grad()
+def build_anchor(backbone: Any, tokenizer: Any, chain_config: Any, examples: list, batch_size: int = 4) -> Anchor:
+    """One backbone pass over the anchor chats (`examples`, tokenised): chain inputs at their
+    answer positions, and the base model's (chain off) top-K log-probabilities there."""
+    from training.parallel_adapters import SOFTMAX_RANGE
+    from training.trainer import length_chunks, taps_at_labels
+
     pad_id = tokenizer.pad_token_id or 0
     everything = list(range(len(examples)))
     # Passes as large as the activation cache's (the job's batch size in samples of average

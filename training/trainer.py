@@ -17,6 +17,7 @@ What is not here: the command line (app/commands/train.py), generation (torch_en
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -61,7 +62,7 @@ class TrainResult:
     wall_s: float                      # this run's wall time (load excluded)
     epoch_s: list[float] = field(default_factory=list)
     cache_s: float = 0.0               # time spent filling the activation cache
-    anchor_s: float = 0.0              # time spent on the anchor's backbone pass (training/anchor.py)
+    anchor_s: float = 0.0              # time spent on the anchor (training/anchor.py): read, or built once per base
     output: Path | None = None
     trainable_parameters: int = 0
     resumed_from: int = 0
@@ -99,9 +100,21 @@ def load_backbone(model: str, quant: str = "none") -> Backbone:
     net, tokenizer = load_torch(ref, on_layer=on_layer)
     freeze(net)
     quantize_backbone(net, quant)  # what the loader did not hand over layer by layer
-    path = ref.path
-    identity = f"{ref.text}|{path}|{path.stat().st_size if path and path.is_file() else ''}|{quant}"
-    return Backbone(net, tokenizer, identity)
+    return Backbone(net, tokenizer, f"{ref.text}|{ref.path}|{files_stamp(ref.path)}|{quant}")
+
+
+def files_stamp(path: Path | None) -> str:
+    """What changes when the weights at `path` (a file, or a model folder) change: a base pruned
+    again under the same name keeps its path. Keys the caches built from a backbone's outputs
+    (an activation cache a resumed job reads, the anchor every job of that base reads)."""
+    if path is None:
+        return ""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stamps = []
+    for file in files:
+        info = file.stat()
+        stamps.append(f"{file.name}:{info.st_size}:{info.st_mtime_ns}")
+    return hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
 
 
 @one_run_at_a_time
@@ -267,11 +280,10 @@ class _Run:
         """Build the job's anchor (training/anchor.py), if it has one; the seconds that took."""
         if self.spec.method != "pac" or self.spec.anchor <= 0:
             return 0.0
-        from training.anchor import build_anchor
+        from training.anchor import job_anchor
 
         started = time.perf_counter()
-        self.anchor = build_anchor(self.backbone.model, self.backbone.tokenizer, self.chain_config,
-                                   self.spec.batch_size)
+        self.anchor = job_anchor(self.backbone, self.chain_config, self.spec.batch_size)
         return time.perf_counter() - started
 
     def anchor_pull(self, step: int) -> dict[str, torch.Tensor]:
