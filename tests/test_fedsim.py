@@ -167,6 +167,7 @@ def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
     assert out["speedup_vs_best_baseline"] is None or (out["speedup_vs_best_baseline"] > 0 and math.isfinite(out["speedup_vs_best_baseline"]))
     assert math.isfinite(out["accuracy_gain_vs_uniform_pruning"])
     assert set(out["targets_met"]) == {"speedup", "accuracy_gain"}
+    assert out["speedup_vs_best_baseline_smoothed"] > 0 and math.isfinite(out["accuracy_gain_vs_uniform_pruning_smoothed"])
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     # The command's arguments parse as documented.
     parser = argparse.ArgumentParser()
@@ -194,3 +195,30 @@ def test_quick_smoke_run_gives_sane_json(shared_dir, tmp_path):
     assert all(speedups)   # both seeds of this tiny fleet have one (0.17 and 1.31 here)
     assert both["speedup_vs_best_baseline"] == pytest.approx(math.sqrt(speedups[0] * speedups[1]))
     assert both["targets_met"]["accuracy_gain"] == (both["accuracy_gain_vs_uniform_pruning"] >= 0.4)
+    smoothed = [out["speedup_vs_best_baseline_smoothed"], other["speedup_vs_best_baseline_smoothed"]]
+    assert both["speedup_vs_best_baseline_smoothed"] == pytest.approx(math.sqrt(smoothed[0] * smoothed[1]))
+    assert both["accuracy_gain_vs_uniform_pruning_smoothed"] == pytest.approx(
+        (out["accuracy_gain_vs_uniform_pruning_smoothed"] + other["accuracy_gain_vs_uniform_pruning_smoothed"]) / 2)
+
+
+def test_smoothed_figures_average_the_curves_over_several_evaluations():
+    """One evaluation swings by points from round to round: the smoothed figures take each
+    curve's trailing mean over SMOOTHING evaluations, a target every method's mean reaches, and
+    the mean of the last SMOOTHING evaluations."""
+    from training.bench_federated import SMOOTHING, smoothed_figures
+
+    assert SMOOTHING == 5
+    # uniform reaches 0.5 once by luck at t=4; fedspine climbs steadily.
+    methods = {
+        "fedspine": {"curve": [[t, a] for t, a in enumerate([0.0, 0.2, 0.3, 0.4, 0.4, 0.4, 0.4, 0.4])]},
+        "uniform": {"curve": [[t * 2, a] for t, a in enumerate([0.0, 0.1, 0.5, 0.3, 0.3, 0.3, 0.3, 0.1])]},
+    }
+    out = smoothed_figures(methods)
+    # Trailing means: fedspine 0, .1, .167, .225, .26, .34, .38, .4; uniform 0, .05, .2, .225, .24, .3, .34, .26.
+    assert out["target_accuracy_smoothed"] == pytest.approx(0.95 * 0.34)
+    assert methods["fedspine"]["time_to_target_smoothed_s"] == 5
+    assert methods["uniform"]["time_to_target_smoothed_s"] == 12      # its lucky 0.5 at t=4 alone does not count
+    assert methods["fedspine"]["final_accuracy_smoothed"] == pytest.approx(0.4)
+    assert methods["uniform"]["final_accuracy_smoothed"] == pytest.approx(0.26)
+    assert out["speedup_vs_best_baseline_smoothed"] == pytest.approx(12 / 5)
+    assert out["accuracy_gain_vs_uniform_pruning_smoothed"] == pytest.approx(100 * (0.4 - 0.26))
