@@ -9,7 +9,8 @@ them a question of the general evaluation set, `assets/eval/general_questions.js
 PAC's base is its backbone with the side chain off, so a step needs no backbone work for it (only
 the chain and the LM head on its positions): the anchor's chain inputs and the base's distribution
 there are computed once per base (one backbone pass over the chats, 615 positions in SmolLM2's
-tokens, about 4 s) and kept on disk (`job_anchor`), as the activation cache keeps a job's own data. The base's distribution is kept as its `TOP_K` most likely tokens plus one bucket for all
+tokens, about 4 s) and kept on disk (`job_anchor`), as the activation cache keeps a job's own
+data. The base's distribution is kept as its `TOP_K` most likely tokens plus one bucket for all
 the rest, and the KL is taken over those K + 1 outcomes: exact for that partition, zero (with zero
 gradient) when the chain leaves the base as it is. Each step draws `POSITIONS` anchor positions,
 fixed by seed and step, so a resumed job draws the same ones.
