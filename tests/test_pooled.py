@@ -410,7 +410,11 @@ def test_epoch_one_hands_the_backbone_work_to_whichever_device_is_free(notes, st
     pooled = train_pooled(spec, devices, backbone=backbone, save=False, on_event=events.append)
     epoch1 = [e for e in events if e.phase == "train" and e.epoch == 1][-1]
     owned = {d.name: d.owned for d in epoch1.devices}
-    assert sum(owned.values()) == 20 and owned["busy"] < min(owned["free"], owned["this"]), owned
+    # Fewer than an even share, and no more than any other device. (The pieces are 4 samples:
+    # one CI run gave busy 4, free 4, this 12, the coordinator's thread being quickest off the
+    # mark; "fewer than free" alone then failed by the piece size.)
+    assert sum(owned.values()) == 20 and owned["busy"] < 20 / len(owned), owned
+    assert owned["busy"] <= min(owned["free"], owned["this"]), owned
     single = _single(spec, backbone)
     assert _max_difference(single.module, pooled.result.module) < WEIGHT_TOLERANCE
 
