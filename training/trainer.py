@@ -277,7 +277,8 @@ class _Run:
         self.module.calibrate(taps)
 
     def build_anchor(self) -> float:
-        """Build the job's anchor (training/anchor.py), if it has one; the seconds that took."""
+        """The job's anchor (training/anchor.py), if it has one: read from the cache, or built and kept;
+        the seconds that took."""
         if self.spec.method != "pac" or self.spec.anchor <= 0:
             return 0.0
         from training.anchor import job_anchor
