@@ -173,3 +173,31 @@ def test_a_base_whose_weights_change_at_the_same_path_gets_another_key(tmp_path)
     os.utime(weights, ns=(1, 1))
     assert files_stamp(folder) != before
     assert files_stamp(None) == ""
+
+
+def test_only_the_most_recently_used_anchors_are_kept(tiny_backbone, anchor, hearth_home):
+    """A base pruned again or deleted left its anchor in the cache for ever (14 MB for SmolLM2).
+    Building one now forgets all but the KEPT_ANCHORS most recently used; reading one counts as
+    using it, so the anchor of the base a family trains on survives older bases' files."""
+    import os
+
+    from training.anchor import KEPT_ANCHORS, anchor_examples, anchor_path, job_anchor
+
+    config, _ = anchor
+    path = anchor_path(tiny_backbone.identity, tiny_backbone.tokenizer, config, anchor_examples(tiny_backbone.tokenizer))
+    job_anchor(tiny_backbone, config)                                   # built and kept
+    folder = path.parent
+    old = []
+    for i in range(KEPT_ANCHORS + 1):                                   # other bases' anchors, older
+        other = folder / f"other-{i}-top32.safetensors"
+        other.write_bytes(b"x")
+        os.utime(other, ns=(10**9 * (i + 1),) * 2)
+        old.append(other)
+    os.utime(path, ns=(1, 1))                                           # ours: the oldest of all
+    job_anchor(tiny_backbone, config)                                   # read: used now
+    assert path.is_file() and path.stat().st_mtime > 10**6
+    path.unlink()                                                       # this base's anchor is built again
+    job_anchor(tiny_backbone, config)
+    left = sorted(p.name for p in folder.iterdir())
+    assert len(left) == KEPT_ANCHORS and path.name in left
+    assert left == sorted([path.name] + [p.name for p in old[-(KEPT_ANCHORS - 1):]])

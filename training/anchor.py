@@ -23,6 +23,7 @@ long. Fewer epochs did not help (5 epochs: 5 of 40).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,10 @@ ANCHOR_CHATS = "train/general_anchor.jsonl"   # inside the `assets` package
 TOP_K = 32          # the base's most likely tokens kept per position (the rest is one bucket)
 POSITIONS = 32      # anchor positions per adapter step (16, 32 and 64 kept as much; fewer cost less)
 HEAD_ROWS = 16      # positions per LM head pass while the base's distribution is taken
+# Anchors kept on disk, the most recently used (14 MB each for SmolLM2): a household has a few
+# bases (the bundled one, its pruned copies, a downloaded one); a base pruned again or deleted
+# leaves its anchor behind, and nothing else would ever remove it.
+KEPT_ANCHORS = 4
 
 
 @dataclass
@@ -78,7 +83,20 @@ def job_anchor(backbone: Any, chain_config: Any, batch_size: int = 4) -> Anchor 
     if anchor is None:
         anchor = build_anchor(backbone.model, tokenizer, chain_config, examples, batch_size)
         save_anchor(anchor, path)
+        forget_old_anchors(path.parent, keep=KEPT_ANCHORS)
+    else:
+        os.utime(path)   # recently used: the last to be forgotten
     return anchor
+
+
+def forget_old_anchors(folder: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used anchors in `folder`; returns those removed.
+    A job that was about to read one removed here builds it again (load_anchor: None)."""
+    kept = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = kept[keep:]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def anchor_path(identity: str, tokenizer: Any, chain_config: Any, examples: list) -> Path:
