@@ -85,15 +85,23 @@ def job_anchor(backbone: Any, chain_config: Any, batch_size: int = 4) -> Anchor 
         save_anchor(anchor, path)
         forget_old_anchors(path.parent, keep=KEPT_ANCHORS)
     else:
-        os.utime(path)   # recently used: the last to be forgotten
+        try:
+            os.utime(path)   # recently used: the last to be forgotten
+        except OSError:
+            pass             # another job forgot it just now: it is read already
     return anchor
 
 
 def forget_old_anchors(folder: Path, keep: int) -> list[Path]:
     """Remove all but the `keep` most recently used anchors in `folder`; returns those removed.
     A job that was about to read one removed here builds it again (load_anchor: None)."""
-    kept = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-    removed = kept[keep:]
+    used = {}
+    for path in folder.glob("*.safetensors"):
+        try:
+            used[path] = path.stat().st_mtime
+        except OSError:
+            continue         # removed meanwhile by another job
+    removed = sorted(used, key=used.get, reverse=True)[keep:]
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
