@@ -134,3 +134,15 @@ def test_a_slot_a_lower_rank_device_lacks_can_count_as_unchanged():
     assert torch.allclose(unchanged.a[2:], torch.full((2, 3), 3.0))       # (2 + 4) / 2
     assert torch.allclose(unchanged.b[:, 2:], torch.full((5, 2), 3.0))
     assert torch.equal(unchanged.a[:2], zero_padded.a[:2])                # slots both had: as before
+
+
+def test_a_devices_frozen_slots_count_in_its_norm_weight():
+    # The low-rank device trained slots 0-1 to zero and held slots 2-3 frozen at their previous 2.0:
+    # its adapter is all four slots, so its weight is not zero though its trained part is.
+    previous = {"m": LoraFactors(torch.full((4, 3), 2.0), torch.full((5, 4), 2.0))}
+    low = LoraUpdate({"m": LoraFactors(torch.zeros(2, 3), torch.zeros(5, 2))})
+    high = LoraUpdate({"m": LoraFactors(torch.full((4, 3), 4.0), torch.full((5, 4), 4.0))})
+    out = aggregate_lora([low, high], previous=previous, lacking_keep_previous=True)["m"]
+    # ||B·A||: low 2 slots x 2.0 x 2.0 = 8 per entry, high 4 x 4.0 x 4.0 = 64: weights 8/72, 64/72.
+    assert torch.allclose(out.a[2:], torch.full((2, 3), (8 * 2.0 + 64 * 4.0) / 72))
+    assert torch.allclose(out.a[:2], torch.full((2, 3), 64 * 4.0 / 72))

@@ -231,6 +231,51 @@ def test_device_trains_at_most_the_rank_it_was_sent_and_refuses_an_unrealisable_
         jobs.handle("someone-else", "fed.round", *order.to_request("j1"))
 
 
+def test_device_trains_its_rank_of_the_whole_global_state_with_the_rest_frozen(base, data):
+    import copy
+
+    from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.part_fields import local_data
+
+    model, tokenizer = base
+    model = copy.deepcopy(model)                      # the fixture is shared with other tests
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    jobs = FedJobs(local_data([data["dad"][0]]), local_model=(model, tokenizer))
+    spec = FedSpec(name="fam", model=str(tiny_llama_dir()), local_steps=2)
+    assert _open(jobs, spec, model_files(tiny_llama_dir()))["opened"]
+    keep_heads = torch.tensor([[True, False, False, True]] * 4)
+    keep_channels = torch.zeros(4, 64, dtype=torch.bool)
+    keep_channels[:, :40] = True
+    order = _order(jobs, model, 4, keep_heads, keep_channels, steps=2)
+    generator = torch.Generator().manual_seed(5)
+    # A trained global state (B no longer zero), in values float16 carries exactly.
+    order.lora = {n: (a.half().float(), (0.05 * torch.randn(b.shape, generator=generator)).half().float())
+                  for n, (a, b) in order.lora.items()}
+
+    def round_with(rank: int, lora) -> RoundReport:
+        sent = copy.copy(order)
+        sent.rank, sent.lora = rank, lora
+        fields, tensors = sent.to_request("j1")
+        if rank < 4:                                  # the frozen slots travel in half precision
+            assert all(t.dtype == torch.float16 and t.shape[0 if k.startswith("frozen_a.") else 1] == 4 - rank
+                       for k, t in tensors.items() if k.startswith("frozen_"))
+            assert tensors["a.0.q_proj"].dtype == torch.float32 and tensors["a.0.q_proj"].shape[0] == rank
+        return RoundReport.from_reply(*jobs.handle("coord", "fed.round", fields, tensors))
+
+    whole = round_with(4, order.lora)
+    frozen = round_with(2, order.lora)
+    cut = round_with(2, {n: (a[:2], b[:, :2]) for n, (a, b) in order.lora.items()})
+    # Two slots train, two are merged into the pruned weights: the same model as all four as LoRA
+    # (its loss before training), where the state cut to two slots is another model.
+    assert frozen.loss_before == pytest.approx(whole.loss_before, abs=1e-4)
+    assert abs(cut.loss_before - whole.loss_before) > 100 * abs(frozen.loss_before - whole.loss_before)
+    assert all(a.shape[0] == 2 and b.shape[1] == 2 for a, b in frozen.lora.values())
+    assert frozen.loss_after < frozen.loss_before
+    # Merging wrote new tensors: the base model is bit-for-bit what it was.
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_realisable_mask_keeps_as_many_heads_in_every_kv_group():
     from training.federated import realisable_mask
 

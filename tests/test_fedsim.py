@@ -125,6 +125,43 @@ def test_masked_units_get_no_gradient_and_training_lowers_the_loss(shared_dir):
         assert heads[layer].sum() == pytest.approx(7 / 8, abs=1e-4)
 
 
+def test_a_device_trains_its_first_slots_on_the_whole_adapter_with_the_rest_frozen(shared_dir):
+    config = _tiny(local_steps=3, batch_size=8)
+    data = load_fleet_data(_clinc(shared_dir), config)
+    torch.manual_seed(0)
+    model = TinyLlama(config, data.vocab_size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep = KeepMask(torch.ones(config.layers, config.heads, dtype=torch.bool), torch.ones(config.layers, config.channels, dtype=torch.bool))
+    generator = torch.Generator().manual_seed(1)
+    lora = {n: type(f)(f.a, 0.05 * torch.randn(f.b.shape, generator=generator)) for n, f in initial_lora(model, 4, 0).items()}
+    head = {"weight": 0.1 * torch.randn(150, config.hidden, generator=generator), "bias": torch.zeros(150)}
+    indices = data.client_indices[0]
+    whole = train_locally(model, data, indices, lora, head, keep, config, random.Random(0))
+    frozen = train_locally(model, data, indices, lora, head, keep, config, random.Random(0), rank=2)
+    cut = train_locally(model, data, indices, {n: type(f)(f.a[:2], f.b[:, :2]) for n, f in lora.items()}, head,
+                        keep, config, random.Random(0))
+    # The loss before training is the whole adapter's, frozen slots included; cut to 2 it is not.
+    assert frozen.loss_before == pytest.approx(whole.loss_before, abs=1e-5)
+    assert abs(cut.loss_before - whole.loss_before) > 1e-3
+    assert all(f.rank == 2 for f in frozen.lora.values())          # only the trained slots come back
+    assert frozen.loss_after < frozen.loss_before
+    assert any(not torch.equal(frozen.lora[n].b, lora[n].b[:, :2]) for n in lora)
+
+
+def test_frozen_slots_cost_half_the_bytes_of_trained_ones_on_the_way_down():
+    config = SimConfig.for_scale("quick")
+    device = make_fleet(config)[0]
+    keep = KeepMask(torch.ones(30, 9, dtype=torch.bool), torch.ones(30, 1536, dtype=torch.bool))
+    latency = 2 * config.cost.latency_s
+    _, cut = device_round_seconds(device, keep, 4, config)
+    _, frozen = device_round_seconds(device, keep, 4, config, 16)
+    _, full = device_round_seconds(device, keep, 16, config)
+    slot = config.cost.lora_bytes(1, 1.0, 1.0) / device.bandwidth_bps        # one float32 slot, one way
+    assert frozen - cut == pytest.approx(12 * slot / 2)
+    assert cut - latency < frozen - latency < full - latency
+
+
 def test_unknown_scale_and_method_are_clear_errors(shared_dir):
     with pytest.raises(HearthError, match="--scale"):
         SimConfig.for_scale("huge")

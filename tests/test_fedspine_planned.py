@@ -70,17 +70,18 @@ def _report(server: FedSpineServer, plan, opened_at: float, loss_before: float =
 def test_one_report_predicts_every_cell_on_the_simulated_clock():
     config = SimConfig.for_scale("quick")
     layout = UnitLayout(30, 9, 1536, {})
-    server = FedSpineServer(FedSpineConfig(), layout, {}, seed=0, cost=round_cost(config))
+    server = FedSpineServer(FedSpineConfig(), layout, {}, seed=0, cost=round_cost(config, 16))
     device = make_fleet(config)[0]
     plan = server.plan_round([device.name])[0]          # round 0: warmup, nothing pruned
-    compute, transfer = device_round_seconds(device, plan.keep, plan.rank, config)
+    # Every slot of the rank-16 global state is sent; the plan's rank of them train.
+    compute, transfer = device_round_seconds(device, plan.keep, plan.rank, config, 16)
     server.aggregate_round([DeviceReport(
         round=0, device=device.name, lora={}, keep=plan.keep, dense={}, samples=1, loss_before=1.0, loss_after=1.0,
         importance=Importance(torch.zeros(30, 9), torch.zeros(30, 1536)),
         compute_s=compute, transfer_s=transfer, finished_at_s=compute + transfer)])
     for ratio, rank in ((0.0, 2), (0.3, 4), (0.5, 16)):
         keep = server.consensus_mask(ratio)
-        actual = sum(device_round_seconds(device, keep, rank, config))
+        actual = sum(device_round_seconds(device, keep, rank, config, 16))
         # Exact but for the link's latency (0.1 s a round), which the link rate absorbs.
         assert server.predicted_seconds(device.name, ratio, rank) == pytest.approx(actual, abs=0.15)
     assert server.predicted_seconds("never-seen", 0.3, 4) == math.inf
@@ -110,6 +111,25 @@ def test_measured_devices_finish_within_the_slowest_ones_fastest_option():
                                 for d, p in plans.items()])
         server.rates.pop("new")                           # its report measured it; keep it new
         server.round = 4
+
+
+def test_a_planned_round_sends_every_slot_and_the_frozen_ones_in_half_precision():
+    server = _server()
+    generator = torch.Generator().manual_seed(0)
+    server.lora = {n: LoraFactors(torch.randn(f.a.shape, generator=generator), torch.randn(f.b.shape, generator=generator))
+                   for n, f in server.lora.items()}
+    server.round = 4
+    server.rates = {"slow": DeviceRates(0.5, 0.5), "fast": DeviceRates(8.0, 8.0)}
+    plans = {p.device: p for p in server.plan_round(["slow", "fast"])}
+    assert plans["slow"].rank < 16 and plans["slow"].sent_rank == 16
+    for plan in plans.values():
+        r = plan.rank
+        for name, f in plan.lora.items():
+            g = server.lora[name]
+            assert f.rank == 16 and torch.equal(f.a[:r], g.a[:r]) and torch.equal(f.b[:, :r], g.b[:, :r])
+            assert torch.equal(f.a[r:], g.a[r:].half().float()) and torch.equal(f.b[:, r:], g.b[:, r:].half().float())
+    # The time model charges the whole state down: a fixed part at the frozen width, then per slot trained.
+    assert server.predicted_seconds("slow", 0.5, 4) < server.predicted_seconds("slow", 0.5, 8)
 
 
 def test_a_report_teaches_the_time_model_the_device_rates():

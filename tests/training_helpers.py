@@ -7,8 +7,10 @@ folder, with the bundled SmolLM2 tokenizer and its ChatML template, so the whole
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def tiny_llama_dir() -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     folder = Path(tempfile.mkdtemp(prefix="hearth-tiny-llama-"))
+    atexit.register(shutil.rmtree, folder, True)     # once per test process; nothing left in /tmp
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

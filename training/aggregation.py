@@ -7,7 +7,10 @@ Heterogeneity-aware aggregation (ALGORITHMS.md section 7, after HetLoRA):
 - the padded factors are averaged with those weights (a rank slot only some devices have is
   thereby shrunk towards zero, as in HetLoRA), and each device gets the result truncated back to
   its own rank (the first r slots) when the next round is sent;
-- a rank slot that no device of the round had keeps its previous global value.
+- a rank slot that no device of the round had keeps its previous global value;
+- or, with `lacking_keep_previous` (FedSpine's planned rounds, where a device of rank r is sent
+  every slot and trains the first r with the rest frozen), a device's slots beyond r are its
+  previous global values, in the average and in its weight.
 
 LoRA tensors live in unpruned coordinates. A device that pruned rows of a module's output (B's
 rows) or columns of its input (A's columns) reports masks; a row or column is averaged only over
@@ -127,8 +130,9 @@ def aggregate_lora(
             rank = max(rank, previous[module].rank)
         padded = [pad_rank(u.factors[module], rank) for u in updates]
         if lacking_keep_previous and previous is not None and module in previous:
-            # A slot a lower-rank device lacks counts as "no change" from it (its previous value),
-            # rather than as a zero that pulls the slot towards zero whenever such a device takes part.
+            # A device trained its first r slots with the rest frozen at their previous values
+            # (docs/federated.md, 2026-12-06): its adapter is all of them, for the average and
+            # for its weight, rather than r slots beside zeros that pull the rest towards zero.
             full = pad_rank(previous[module], rank)
             for p, u in zip(padded, updates):
                 r = u.factors[module].rank
@@ -142,7 +146,7 @@ def aggregate_lora(
             w = torch.tensor(weights, dtype=torch.float64)
             w = w / w.sum()
         else:
-            w = norm_weights(updates, module)
+            w = norm_weights([LoraUpdate({module: p}) for p in padded], module)
         rows = torch.stack([u.row_masks.get(module, torch.ones(out_f, dtype=torch.bool)) for u in updates])
         cols = torch.stack([u.col_masks.get(module, torch.ones(in_f, dtype=torch.bool)) for u in updates])
         prev = pad_rank(previous[module], rank) if previous is not None and module in previous else None

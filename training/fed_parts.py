@@ -8,11 +8,14 @@ its own data (`hearth worker --data PATH`) that never leaves it. A device serves
               with the mesh's chunked file transfer, or the same catalog model found here with the
               same SHA-256s) and tokenise the local data with its tokenizer; answers `need_files`
               (names) when this device lacks some of the model's files.
-- `fed.round` with the round's pruning ratio, LoRA rank, keep-mask and the global LoRA state
-              truncated to that rank (unpruned coordinates): prune a copy of the base model by
-              the mask, train LoRA on the local data for the round's steps while gathering
-              LoRAPrune-style importance from the LoRA gradients, and answer the trained factors
-              (unpruned coordinates), the mask applied, loss before/after, importance, timings.
+- `fed.round` with the round's pruning ratio, LoRA rank r, keep-mask and the global LoRA state
+              (unpruned coordinates): its first r slots in float32 (`a.`, `b.`), the rest in
+              float16 (`frozen_a.`, `frozen_b.`; none from a coordinator before 2026-12-06):
+              prune a copy of the base model by the mask, merge the frozen slots into its
+              weights, train LoRA at rank r on the local data for the round's steps while
+              gathering LoRAPrune-style importance from the LoRA gradients, and answer the r
+              trained slots (unpruned coordinates), the mask applied, loss before/after,
+              importance, timings.
 - `fed.close` forget the job.
 
 Pruning here is physical (training/pruning.apply_pruning on a copy of the base model), not a
@@ -131,14 +134,20 @@ class RoundOrder:
     steps: int
     keep_heads: torch.Tensor           # bool [layers, heads], unpruned coordinates
     keep_channels: torch.Tensor        # bool [layers, channels]
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A [r, in], B [out, r])
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A [R, in], B [out, R]), R >= rank
 
     def to_request(self, job: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The slots to train in float32; those beyond `rank` (frozen) in FROZEN_DTYPE."""
+        from training.fedspine import FROZEN_DTYPE
+
         fields = {"job": job, "round": self.round, "ratio": float(self.ratio), "rank": self.rank, "steps": self.steps}
         tensors = {"keep.heads": self.keep_heads.contiguous(), "keep.channels": self.keep_channels.contiguous()}
         for name, (a, b) in self.lora.items():
-            tensors[f"a.{name}"] = a.float().contiguous()
-            tensors[f"b.{name}"] = b.float().contiguous()
+            tensors[f"a.{name}"] = a[:self.rank].float().contiguous()
+            tensors[f"b.{name}"] = b[:, :self.rank].float().contiguous()
+            if a.shape[0] > self.rank:
+                tensors[f"frozen_a.{name}"] = a[self.rank:].to(FROZEN_DTYPE).contiguous()
+                tensors[f"frozen_b.{name}"] = b[:, self.rank:].to(FROZEN_DTYPE).contiguous()
         return fields, tensors
 
     @classmethod
@@ -150,8 +159,17 @@ class RoundOrder:
             raise ValueError("fed.round: tensors keep.heads and keep.channels are required") from None
         if heads.dtype != torch.bool or channels.dtype != torch.bool or heads.dim() != 2 or channels.dim() != 2:
             raise ValueError("fed.round: keep masks must be 2-d bool tensors")
+        lora = _factors_from(tensors, "fed.round")
+        frozen = _factors_from(tensors, "fed.round", prefixes=("frozen_a.", "frozen_b."))
+        if set(frozen) - set(lora):
+            raise ValueError("fed.round: frozen LoRA slots of a module that has none to train")
+        for name, (fa, fb) in frozen.items():
+            a, b = lora[name]
+            if fa.shape[1] != a.shape[1] or fb.shape[0] != b.shape[0]:
+                raise ValueError(f"fed.round: frozen LoRA slots of {name[:60]!r} do not fit")
+            lora[name] = (torch.cat([a, fa]), torch.cat([b, fb], dim=1))
         return cls(int(fields["round"]), float(fields.get("ratio", 0.0)), int(fields["rank"]), int(fields["steps"]),
-                   heads, channels, _factors_from(tensors, "fed.round"))
+                   heads, channels, lora)
 
 
 @dataclass
@@ -198,12 +216,12 @@ class RoundReport:
             raise ValueError(f"fed.round reply: incomplete ({exc})") from None
 
 
-def _factors_from(tensors: dict, where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _factors_from(tensors: dict, where: str, prefixes: tuple[str, str] = ("a.", "b.")) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     out = {}
     for key, a in tensors.items():
-        if key.startswith("a."):
-            name = key[2:]
-            b = tensors.get(f"b.{name}")
+        if key.startswith(prefixes[0]):
+            name = key[len(prefixes[0]):]
+            b = tensors.get(f"{prefixes[1]}{name}")
             if b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise ValueError(f"{where}: LoRA factors of {name[:60]!r} are missing or do not fit")
             out[name] = (a.float(), b.float())
@@ -320,6 +338,7 @@ class FedJob:
         # second copy. That halves a round's extra memory on a phone.
         model = copy.deepcopy(self.model, memo={id(p): p for p in self.model.parameters()})
         apply_pruning(model, plan)
+        self._merge_frozen(model, order.lora, rank, rows, cols)
         model = build_lora_model(model, LoraSettings(rank=rank, alpha=LORA_SCALE * rank, targets=list(LORA_TARGETS)))
         modules = self._lora_modules(model)
         with torch.no_grad():
@@ -378,16 +397,37 @@ class FedJob:
                            prune_s, train_s, parameters)
 
     @staticmethod
-    def _lora_modules(model: Any) -> dict[str, tuple[Any, Any]]:
+    def _merge_frozen(model: Any, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                      rows: dict[str, torch.Tensor], cols: dict[str, torch.Tensor]) -> None:
+        """Add the slots beyond `rank` (frozen this round) to the pruned copy's weights: the
+        device trains the global model, not the global model cut to `rank` slots. Each merged
+        weight is a new tensor: an unpruned matrix of the copy is the base model's own."""
+        for name, linear in FedJob._target_linears(model).items():
+            a, b = lora[name]
+            if a.shape[0] <= rank:
+                continue
+            a, b = a[rank:], b[:, rank:]
+            a = a[:, cols[name]] if name in cols else a
+            b = b[rows[name]] if name in rows else b
+            weight = linear.weight
+            merged = weight.detach().float() + LORA_SCALE * (b @ a)
+            linear.weight = torch.nn.Parameter(merged.to(weight.dtype), requires_grad=False)
+
+    @staticmethod
+    def _target_linears(model: Any) -> dict[str, Any]:
         from training.pruning import _layers
 
         out = {}
         for i, layer in enumerate(_layers(model)):
             for proj in LORA_TARGETS:
                 parent = layer.self_attn if proj in ("q_proj", "o_proj") else layer.mlp
-                linear = getattr(parent, proj)
-                out[lora_module_name(i, proj)] = (linear.lora_A["default"], linear.lora_B["default"])
+                out[lora_module_name(i, proj)] = getattr(parent, proj)
         return out
+
+    @staticmethod
+    def _lora_modules(model: Any) -> dict[str, tuple[Any, Any]]:
+        return {name: (linear.lora_A["default"], linear.lora_B["default"])
+                for name, linear in FedJob._target_linears(model).items()}
 
 
 # --- the jobs a device serves ------------------------------------------------------------------

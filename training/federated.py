@@ -13,10 +13,10 @@ training/fedspine.py's `FedSpineServer` unchanged; this module drives it with re
    rank, and each device plays what one quality bandit shared by all (rewarded by the global
    model's loss) picks among the options it finishes within that time, as the simulator's FedSpine
    does (docs/federated.md): a fast laptop trains a larger rank in the time a phone needs for a
-   small one. The device is sent the global LoRA state truncated to that rank and the consensus
-   keep-mask at its ratio (made realisable: the same number of query heads from every KV group),
+   small one. The device is sent the whole global LoRA state, the first `rank` slots to train (in
+   float32) and the rest frozen (in float16), and the consensus keep-mask at its ratio (made realisable: the same number of query heads from every KV group),
    prunes its copy of the base model physically, trains LoRA on its local data for the round's
-   steps gathering LoRA-gradient importance, and answers (`fed.round`). The round closes at its
+   steps gathering LoRA-gradient importance, and answers its trained slots (`fed.round`). The round closes at its
    deadline or when a quorum of its devices answered; the server aggregates (heterogeneous ranks,
    masked), credits the bandit, and the job is checkpointed (atomically) before the next round.
    (A job checkpointed before 2026-12-05 resumes with the per-device bandits it started with.)
@@ -62,7 +62,7 @@ from training.fed_parts import (
     module_shapes, unit_layout,
 )
 from training.fedspine import (
-    DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundCost, RoundPlan,
+    FROZEN_DTYPE, DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundCost, RoundPlan,
 )
 from training.job import ProgressEvent, one_run_at_a_time
 from training.local_peer import LocalPeer, MemberLost, close_job_on
@@ -153,23 +153,26 @@ def fedspine_config(spec: FedSpec) -> FedSpineConfig:
     )
 
 
-def round_cost(config: Any, shapes: dict[str, tuple[int, int]]) -> RoundCost:
+def round_cost(config: Any, shapes: dict[str, tuple[int, int]], sent_rank: int) -> RoundCost:
     """A round of this model as the planner's time model. Work is counted in weights a token passes
     through (the rate learnt from each report absorbs tokens per round and operations per weight):
     q and o projections shrink with the kept heads, the MLP with the kept channels; k, v and the LM
-    head do not (the realisable mask keeps every KV group). Bytes: the LoRA factors, sent down
-    truncated to the rank and back in unpruned coordinates (float32), so not shrunk by pruning;
-    the masks down and the importance up are the fixed part."""
+    head do not (the realisable mask keeps every KV group). Bytes, all in unpruned coordinates (so
+    not shrunk by pruning): the `sent_rank` slots of the global state down, the trained ones in
+    float32 and the frozen rest in float16, and the trained slots back in float32; the masks down,
+    the importance up and every slot's float16 half down are the fixed part."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     units = layers * (config.num_attention_heads + config.intermediate_size)
+    values, frozen = sum(i + o for i, o in shapes.values()), FROZEN_DTYPE.itemsize   # one slot; bytes a frozen value
     return RoundCost(
         fixed_work=layers * 2 * hidden * kv_width + config.vocab_size * hidden,
         head_work=layers * 2 * hidden * q_width,
         channel_work=layers * 3 * hidden * config.intermediate_size,
-        fixed_bytes=units * (1 + 4),                       # bool masks down, float32 importance up
-        rank_bytes=2 * 4 * sum(i + o for i, o in shapes.values()),
+        # bool masks down, float32 importance up, and every slot at the frozen width down
+        fixed_bytes=units * (1 + 4) + sent_rank * frozen * values,
+        rank_bytes=(4 - frozen + 4) * values,              # a trained slot: the rest of float32 down, float32 up
     )
 
 
@@ -254,7 +257,7 @@ def train_federated(spec: FedSpec, devices: list[FedDevice], *, local: LocalData
         config = fedspine_config(spec)
         shapes = module_shapes(model)
         server = FedSpineServer(config, layout, initial_lora(shapes, config.bandit.rank_max, spec.seed),
-                                seed=spec.seed, cost=round_cost(model.config, shapes))
+                                seed=spec.seed, cost=round_cost(model.config, shapes, config.bandit.rank_max))
     resumed_from = server.round
     members = []
     for d in devices:
@@ -494,7 +497,7 @@ class _FederatedJob:
             raise ValueError("its LoRA modules differ")
         for name, (a, b) in report.lora.items():
             sent = plan.lora[name]
-            if a.shape[1] != sent.a.shape[1] or b.shape[0] != sent.b.shape[0] or a.shape[0] > sent.rank:
+            if a.shape[1] != sent.a.shape[1] or b.shape[0] != sent.b.shape[0] or a.shape[0] > plan.rank:
                 raise ValueError(f"LoRA factors of {name} have the wrong shape")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"LoRA factors of {name} are not finite")

@@ -10,8 +10,10 @@ What is simulated: time. 80 devices with Jetson-like speed ratios cannot run her
 device's round time comes from a cost model: the FLOPs a SmolLM2-135M-sized backbone (30 layers,
 d=576, 1536 MLP channels, 128 tokens per sample) would need for the same local steps at the same
 kept fraction of heads/channels (forward + backward, 3x forward), divided by the device's rate,
-plus moving the LoRA factors (same rank, kept rows only) and the classifier head both ways over
-its link. The small model stands in for SmolLM2 in accuracy only; the docs say so.
+plus moving the LoRA factors and the classifier head both ways over its link: down, the slots it
+trains in float32 and (FedSpine's planned rounds) the frozen rest of the global state in float16,
+all in unpruned coordinates; up, the trained slots' kept rows only. The small model stands in for
+SmolLM2 in accuracy only; the docs say so.
 
 The backbone is "pretrained" centrally, before federated training, by masked-word prediction on
 the texts of a public 20% of the training split (no labels); the federated task is the 150
@@ -24,7 +26,8 @@ contributes exactly zero (and gets zero gradient), and the clock charges only th
 Methods (one run, same devices, data, sampled clients and seed):
 - fedspine: planned rounds (training/fedspine.py): a time model from each device's reports, the
   round length T, and one S-UCB over (pruning beyond the schedule, rank) shared by all devices,
-  rewarded by the global model's loss drop, choosing each device's cell within T;
+  rewarded by the global model's loss drop, choosing each device's cell within T; a device of
+  rank r trains the first r slots of the whole rank-16 global state, the rest frozen;
 - hetlora: no pruning, fixed heterogeneous ranks by device class (HetLoRA-style);
 - uniform: every device the schedule's sparsity and one fixed rank (no bandit);
 - random: a random (ratio >= schedule, rank) per device per round.
@@ -50,6 +53,7 @@ from core.errors import HearthError
 from training.aggregation import LoraFactors
 from training.bandit import Arm, BanditConfig
 from training.fedspine import (
+    FROZEN_DTYPE,
     DeviceReport,
     FedSpineConfig,
     FedSpineServer,
@@ -63,6 +67,8 @@ from training.fedspine import (
 
 METHODS = ("fedspine", "hetlora", "uniform", "random")
 EVAL_CHUNK = 500        # validation rows per forward pass
+GLOBAL_RANK = 16        # the global LoRA state's rank (the highest a device trains)
+FROZEN_WIDTH = FROZEN_DTYPE.itemsize   # bytes a frozen slot's value takes on the link
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -105,10 +111,11 @@ class CostModel:
         forward = self.layers * (2 * self.tokens * (attention + mlp) + scores)
         return 3.0 * forward
 
-    def lora_bytes(self, rank: int, head_keep: float, channel_keep: float) -> float:
+    def lora_bytes(self, rank: float, head_keep: float, channel_keep: float, width: float = 4.0) -> float:
+        """Bytes of `rank` slots of LoRA factors at `width` bytes a value (kept rows/columns only)."""
         d, c = self.hidden, self.intermediate
         per_layer = rank * ((d + d * head_keep) * 2 + 2 * (d + c * channel_keep) + (c * channel_keep + d))
-        return 4.0 * self.layers * per_layer
+        return width * self.layers * per_layer
 
     def head_bytes(self) -> float:
         return 4.0 * (self.classes * self.hidden + self.classes)
@@ -374,9 +381,12 @@ def initial_lora(model: TinyLlama, rank: int, seed: int) -> dict[str, LoraFactor
 # --- one device's round ---------------------------------------------------------------------
 
 def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 keep: KeepMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRAPrune-style importance: G = s(dB A + B dA); |G * (W + s B A)| summed per unit,
-    normalised per layer (the formula of training/pruning.LoraImportance, on plain tensors)."""
+                 keep: KeepMask, merged_lora: dict[str, LoraFactors] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRAPrune-style importance: G = s(dB A + B dA) over the trained slots (`lora`, `grads`);
+    |G * (W + s B A)| summed per unit, B A over every slot the device holds (`merged_lora`,
+    default `lora`), normalised per layer (the formula of training/pruning.LoraImportance, on
+    plain tensors)."""
+    merged_lora = merged_lora or lora
     c = model.config
     hd = c.hidden // c.heads
     heads = torch.zeros(c.layers, c.heads)
@@ -387,7 +397,7 @@ def _unit_scores(model: TinyLlama, lora: dict[str, LoraFactors], grads: dict[str
         layer = int(layer)
         ga, gb = grads[name]
         g = s * (gb @ f.a + f.b @ ga)
-        merged = model.weights[f"{layer}_{kind}"] + s * (f.b @ f.a)
+        merged = model.weights[f"{layer}_{kind}"] + s * merged_lora[name].delta()
         score = (g * merged).abs()
         if kind == "q":
             heads[layer] += score.view(c.heads, hd, -1).sum(dim=(1, 2))
@@ -415,10 +425,21 @@ class LocalResult:
 
 
 def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: dict[str, LoraFactors],
-                  head: dict[str, torch.Tensor], keep: KeepMask, config: SimConfig, rng: random.Random) -> LocalResult:
-    """A few LoRA + head steps on the device's own samples, with its heads/channels masked."""
-    a = {n: f.a.clone().requires_grad_(True) for n, f in lora.items()}
-    b = {n: f.b.clone().requires_grad_(True) for n, f in lora.items()}
+                  head: dict[str, torch.Tensor], keep: KeepMask, config: SimConfig, rng: random.Random,
+                  rank: int | None = None) -> LocalResult:
+    """A few LoRA + head steps on the device's own samples, with its heads/channels masked. Only
+    the first `rank` slots of `lora` train (all by default); the rest stay as sent and are not
+    returned."""
+    rank = rank or max((f.rank for f in lora.values()), default=0)
+    a = {n: f.a[:rank].clone().requires_grad_(True) for n, f in lora.items()}
+    b = {n: f.b[:, :rank].clone().requires_grad_(True) for n, f in lora.items()}
+    frozen = {n: (f.a[rank:], f.b[:, rank:]) for n, f in lora.items() if f.rank > rank}
+
+    def adapters() -> dict[str, LoraFactors]:
+        """Every slot the device holds: the trained ones, then the frozen ones."""
+        return {n: LoraFactors(torch.cat([a[n], frozen[n][0]]), torch.cat([b[n], frozen[n][1]], dim=1))
+                if n in frozen else LoraFactors(a[n], b[n]) for n in a}
+
     w = {k: v.clone().requires_grad_(True) for k, v in head.items()}
     optimizer = torch.optim.Adam([{"params": [*a.values(), *b.values()], "lr": config.lr},
                                   {"params": list(w.values()), "lr": config.head_lr}])
@@ -426,8 +447,7 @@ def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: d
     first = batches[0]
 
     def loss_on(idx):
-        factors = {n: LoraFactors(a[n], b[n]) for n in a}
-        return F.cross_entropy(model.logits(_trimmed(data.train.ids[idx]), w, factors, keep), data.train.labels[idx])
+        return F.cross_entropy(model.logits(_trimmed(data.train.ids[idx]), w, adapters(), keep), data.train.labels[idx])
 
     with torch.no_grad():
         before = float(loss_on(first))
@@ -437,8 +457,8 @@ def train_locally(model: TinyLlama, data: FleetData, indices: list[int], lora: d
         optimizer.zero_grad()
         loss_on(idx).backward()
         with torch.no_grad():
-            grads = {n: (a[n].grad, b[n].grad) for n in a}
-            h, c = _unit_scores(model, {n: LoraFactors(a[n], b[n]) for n in a}, grads, keep)
+            h, c = _unit_scores(model, {n: LoraFactors(a[n], b[n]) for n in a}, {n: (a[n].grad, b[n].grad) for n in a},
+                                keep, adapters())
             heads += h / len(batches)
             channels += c / len(batches)
         optimizer.step()
@@ -478,29 +498,33 @@ def make_fleet(config: SimConfig) -> list[VirtualDevice]:
     return fleet
 
 
-def round_cost(config: SimConfig) -> RoundCost:
-    """The clock's work and bytes as the coordinator's linear time model (exact for this clock,
-    but for the latency, which the link rate absorbs)."""
+def round_cost(config: SimConfig, sent_rank: int) -> RoundCost:
+    """The clock's work and bytes as the coordinator's linear time model when `sent_rank` slots
+    are sent (exact for this clock, but for the latency, which the link rate absorbs). Down, every
+    slot in float16 plus the trained ones' other half; up, the trained slots' kept rows."""
     cost = config.cost
     samples = config.local_steps * config.batch_size
     flops = lambda heads, channels: samples * cost.train_flops_per_sample(heads, channels)
     up = lambda heads, channels: cost.lora_bytes(1, heads, channels)
     return RoundCost(
         fixed_work=flops(0, 0), head_work=flops(1, 0) - flops(0, 0), channel_work=flops(0, 1) - flops(0, 0),
-        fixed_bytes=2 * cost.head_bytes(),
-        rank_bytes=cost.lora_bytes(1, 1.0, 1.0) + up(0, 0),     # the download is never pruned
+        fixed_bytes=2 * cost.head_bytes() + cost.lora_bytes(sent_rank, 1.0, 1.0, FROZEN_WIDTH),
+        rank_bytes=cost.lora_bytes(1, 1.0, 1.0, 4.0 - FROZEN_WIDTH) + up(0, 0),     # the download is never pruned
         rank_head_bytes=up(1, 0) - up(0, 0), rank_channel_bytes=up(0, 1) - up(0, 0),
     )
 
 
-def device_round_seconds(device: VirtualDevice, keep: KeepMask, rank: int, config: SimConfig) -> tuple[float, float]:
-    """(compute, transfer) seconds of one round on the simulated clock."""
+def device_round_seconds(device: VirtualDevice, keep: KeepMask, rank: int, config: SimConfig,
+                         sent_rank: int | None = None) -> tuple[float, float]:
+    """(compute, transfer) seconds of one round on the simulated clock: `rank` slots trained of
+    `sent_rank` sent (default: only those)."""
     cost = config.cost
     head_keep = float(keep.heads.float().mean())
     channel_keep = float(keep.channels.float().mean())
     samples = config.local_steps * config.batch_size
     compute = samples * cost.train_flops_per_sample(head_keep, channel_keep) / device.flops_per_s
-    down = cost.lora_bytes(rank, 1.0, 1.0) + cost.head_bytes()
+    frozen = max(0, (sent_rank or rank) - rank)
+    down = cost.lora_bytes(rank, 1.0, 1.0) + cost.lora_bytes(frozen, 1.0, 1.0, FROZEN_WIDTH) + cost.head_bytes()
     up = cost.lora_bytes(rank, head_keep, channel_keep) + cost.head_bytes()
     transfer = (down + up) / device.bandwidth_bps + 2 * cost.latency_s
     return compute, transfer
@@ -570,14 +594,15 @@ def run_method(method: str, model: TinyLlama, data: FleetData, fleet: list[Virtu
     """Train with `method` for `config.rounds` rounds over the pre-drawn client `schedule`."""
     started = time.perf_counter()
     pruning = method != "hetlora"
-    bandit = BanditConfig(ratio_min=0.0, ratio_max=0.6, rank_min=2, rank_max=16, grid_ratios=2, grid_ranks=2,
+    bandit = BanditConfig(ratio_min=0.0, ratio_max=0.6, rank_min=2, rank_max=GLOBAL_RANK, grid_ratios=2, grid_ranks=2,
                           split_after=4)
     fed = FedSpineConfig(target_sparsity=config.target_sparsity if pruning else 0.0, warmup_rounds=config.warmup_rounds,
                          ramp_rounds=config.ramp_rounds, quorum=1.0, bandit=bandit)
     head = {"weight": torch.zeros(len(data.intents), config.hidden), "bias": torch.zeros(len(data.intents))}
     # FedSpine's coordinator predicts each device's time from its reports (the baselines need no plan).
-    cost = round_cost(config) if method == "fedspine" else None
-    server = FedSpineServer(fed, layout_for(model), initial_lora(model, 16, config.seed), head, seed=config.seed, cost=cost)
+    cost = round_cost(config, GLOBAL_RANK) if method == "fedspine" else None
+    server = FedSpineServer(fed, layout_for(model), initial_lora(model, GLOBAL_RANK, config.seed), head,
+                            seed=config.seed, cost=cost)
     rng = random.Random(config.seed + 7)
     choice_rng = random.Random(config.seed + 11)
     clock = 0.0
@@ -599,8 +624,8 @@ def run_method(method: str, model: TinyLlama, data: FleetData, fleet: list[Virtu
         for plan in plans:
             device = by_name[plan.device]
             local = train_locally(model, data, data.client_indices[fleet.index(device)], plan.lora, plan.dense,
-                                  plan.keep, config, rng)
-            compute_s, transfer_s = device_round_seconds(device, plan.keep, plan.rank, config)
+                                  plan.keep, config, rng, plan.rank)
+            compute_s, transfer_s = device_round_seconds(device, plan.keep, plan.rank, config, plan.sent_rank)
             heads, channels = local.importance
             reports.append(DeviceReport(
                 round=plan.round, device=plan.device, lora=local.lora, keep=plan.keep, dense=local.head,

@@ -2,7 +2,7 @@
 
 A round: the coordinator picks, per device, a pruning ratio and a LoRA rank with that device's
 S-UCB bandit (training/bandit.py), sends a `RoundPlan` (ratio, rank, which heads/channels to keep,
-the global LoRA state truncated to the rank); each device trains its pruned model with LoRA and
+the global LoRA state); each device trains its pruned model with LoRA and
 sends a `DeviceReport` (its LoRA factors in unpruned coordinates with masks, loss before/after,
 LoRA-gradient importance of the units it kept, timings). `FedSpineServer.aggregate_round` closes
 the round at its deadline or as soon as a quorum has reported, whichever is first; reports that
@@ -16,8 +16,15 @@ model (a late report still teaches that device's bandit how slow the arm was).
   one S-UCB bandit shared by all devices (over pruning beyond the schedule x rank) picks each
   device's cell among those it finishes within T, and is rewarded by the global model's progress
   (the drop in the devices' loss before training from one round to the next), not by a device's
-  own loss or time. Without a `RoundCost` (the simulator's baselines, mesh jobs checkpointed
-  before 2026-12-05) each device's own bandit chooses, as below.
+  own loss or time. A device of rank r is sent every slot of the global state and trains the
+  first r with the rest frozen (sent in float16: the device never changes them); its r trained
+  slots come back and its frozen ones count as unchanged in the aggregate. A device given only
+  r slots would train a different model (the global one cut to r slots), and its update, averaged
+  beside the slots it never saw, counted twice what they do: -3.6 points against uniform pruning
+  at paper scale, where frozen slots gave +2.7 (docs/federated.md, 2026-12-05/06).
+  Without a `RoundCost` (the simulator's baselines, mesh jobs checkpointed before 2026-12-05)
+  each device's own bandit chooses, as below, and is sent the state truncated to its rank
+  (HetLoRA).
 - Sparsity schedule: the target is reached over `ramp_rounds` rounds after `warmup_rounds`
   (cubic, as in gradual magnitude pruning: fast early, gentle near the target). A device prunes at
   least the scheduled sparsity; its bandit may choose more to finish faster, but only a device
@@ -68,6 +75,9 @@ MAX_EXTRA_RATIO = 0.1
 # The quality signal's mean and spread are EMAs with this weight on the old value: the global
 # loss falls fast in the first rounds and slowly later, so a drop is judged against recent ones.
 GAIN_EMA = 0.8
+# A planned round's frozen slots travel in this precision (half of float32's bytes); the device
+# only reads them, and the slots it trains travel in float32.
+FROZEN_DTYPE = torch.float16
 
 
 @dataclass
@@ -82,8 +92,8 @@ class RoundCost:
     fixed_work: float = 0.0            # compute that pruning does not remove (k, v, embeddings)
     head_work: float = 0.0             # compute proportional to the kept fraction of heads
     channel_work: float = 0.0          # ... of MLP channels
-    fixed_bytes: float = 0.0           # transferred whatever the rank, both ways (a classifier head)
-    rank_bytes: float = 0.0            # per unit of rank, both ways, not shrunk by pruning
+    fixed_bytes: float = 0.0           # transferred whatever the rank (a classifier head, frozen slots)
+    rank_bytes: float = 0.0            # per trained slot, not shrunk by pruning (both ways)
     rank_head_bytes: float = 0.0       # per unit of rank, proportional to the kept heads (the upload)
     rank_channel_bytes: float = 0.0    # ... to the kept channels
 
@@ -167,17 +177,23 @@ class RoundPlan:
     device: str
     arm: Arm
     ratio: float                       # fraction of heads and channels this device removes
-    rank: int
+    rank: int                          # the device trains the first `rank` slots of `lora`
     keep: KeepMask
-    lora: dict[str, LoraFactors]       # the global state truncated to `rank`, unpruned coordinates
+    lora: dict[str, LoraFactors]       # the global state as sent, unpruned coordinates: every slot
+                                       # (those beyond `rank` frozen) in planned rounds, else `rank`
     dense: dict[str, torch.Tensor]     # other trainables (e.g. a classifier head), shared by all
+
+    @property
+    def sent_rank(self) -> int:
+        """How many slots were sent (`rank` of them to train, the rest frozen)."""
+        return max((f.rank for f in self.lora.values()), default=self.rank)
 
 
 @dataclass
 class DeviceReport:
     round: int
     device: str
-    lora: dict[str, LoraFactors]       # trained factors, unpruned coordinates (pruned rows are ignored)
+    lora: dict[str, LoraFactors]       # trained slots, unpruned coordinates (pruned rows are ignored)
     keep: KeepMask
     dense: dict[str, torch.Tensor]
     samples: int
@@ -199,6 +215,18 @@ class RoundResult:
     closed_at_s: float
     round_time_s: float
     mean_loss_after: float
+
+
+def frozen_beyond(lora: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """The global state as a planned round sends it to a device of `rank`: every slot, those
+    beyond `rank` rounded to FROZEN_DTYPE as they travel (values in float32 here)."""
+    out = {}
+    for name, f in lora.items():
+        a, b = f.a.clone(), f.b.clone()
+        a[rank:] = a[rank:].to(FROZEN_DTYPE).to(a.dtype)
+        b[:, rank:] = b[:, rank:].to(FROZEN_DTYPE).to(b.dtype)
+        out[name] = LoraFactors(a, b)
+    return out
 
 
 def sparsity_at(round_index: int, config: FedSpineConfig) -> float:
@@ -368,7 +396,7 @@ class FedSpineServer:
             ratio = self._cell_ratio(cell, floor, pruning)
             plans.append(RoundPlan(
                 round=self.round, device=device, arm=Arm(arm.cell_id, arm.ratio, rank), ratio=ratio, rank=rank,
-                keep=self.consensus_mask(ratio), lora=truncate_update(self.lora, rank),
+                keep=self.consensus_mask(ratio), lora=frozen_beyond(self.lora, rank),
                 dense={k: v.clone() for k, v in self.dense.items()},
             ))
         self._open = {p.device: p for p in plans}
@@ -498,8 +526,8 @@ class FedSpineServer:
         for r in accepted:
             rows, cols = module_masks(self.layout, r.keep)
             updates.append(LoraUpdate(r.lora, rows, cols))
-        # With the planner, slow devices train low ranks: a slot they lack counts as unchanged
-        # rather than as zero (docs/federated.md, 2026-12-05).
+        # With the planner, a device trains its first r slots of the state it was sent, the rest
+        # frozen: those count as unchanged, not as zero (docs/federated.md, 2026-12-06).
         self.lora = aggregate_lora(updates, previous=self.lora, lacking_keep_previous=self.cost is not None)
         if self.dense:
             samples = [float(r.samples) for r in accepted]
