@@ -276,6 +276,24 @@ def test_device_trains_its_rank_of_the_whole_global_state_with_the_rest_frozen(b
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_round_order_travels_with_its_frozen_slots_and_refuses_ones_that_do_not_fit():
+    from training.fed_parts import RoundOrder
+
+    keep = (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool))
+    a, b = torch.randn(6, 5).half().float(), torch.randn(7, 6).half().float()
+    order = RoundOrder(3, 0.25, 2, 4, *keep, {"m": (a, b)})
+    fields, tensors = order.to_request("j1")
+    back = RoundOrder.from_request(fields, tensors)
+    assert back.rank == 2 and torch.equal(back.lora["m"][0], a) and torch.equal(back.lora["m"][1], b)
+    wrong = dict(tensors, **{"frozen_b.m": torch.zeros(3, 4, dtype=torch.float16)})      # 3 rows, not 7
+    with pytest.raises(ValueError, match="frozen LoRA slots of 'm' do not fit"):
+        RoundOrder.from_request(fields, wrong)
+    stray = dict(tensors, **{"frozen_a.x": torch.zeros(1, 5, dtype=torch.float16),
+                             "frozen_b.x": torch.zeros(7, 1, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="none to train"):
+        RoundOrder.from_request(fields, stray)
+
+
 def test_realisable_mask_keeps_as_many_heads_in_every_kv_group():
     from training.federated import realisable_mask
 

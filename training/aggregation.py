@@ -131,7 +131,7 @@ def aggregate_lora(
         padded = [pad_rank(u.factors[module], rank) for u in updates]
         if lacking_keep_previous and previous is not None and module in previous:
             # A device trained its first r slots with the rest frozen at their previous values
-            # (docs/federated.md, 2026-12-06): its adapter is all of them, for the average and
+            # (docs/federated.md, 2026-12-05): its adapter is all of them, for the average and
             # for its weight, rather than r slots beside zeros that pull the rest towards zero.
             full = pad_rank(previous[module], rank)
             for p, u in zip(padded, updates):

@@ -10,7 +10,7 @@ its own data (`hearth worker --data PATH`) that never leaves it. A device serves
               (names) when this device lacks some of the model's files.
 - `fed.round` with the round's pruning ratio, LoRA rank r, keep-mask and the global LoRA state
               (unpruned coordinates): its first r slots in float32 (`a.`, `b.`), the rest in
-              float16 (`frozen_a.`, `frozen_b.`; none from a coordinator before 2026-12-06):
+              float16 (`frozen_a.`, `frozen_b.`; none from a coordinator before 2026-12-05):
               prune a copy of the base model by the mask, merge the frozen slots into its
               weights, train LoRA at rank r on the local data for the round's steps while
               gathering LoRAPrune-style importance from the LoRA gradients, and answer the r

@@ -20,8 +20,9 @@ model (a late report still teaches that device's bandit how slow the arm was).
   first r with the rest frozen (sent in float16: the device never changes them); its r trained
   slots come back and its frozen ones count as unchanged in the aggregate. A device given only
   r slots would train a different model (the global one cut to r slots), and its update, averaged
-  beside the slots it never saw, counted twice what they do: -3.6 points against uniform pruning
-  at paper scale, where frozen slots gave +2.7 (docs/federated.md, 2026-12-05/06).
+  beside the slots it never saw, counted twice what they do: at paper scale (seed 0) FedSpine
+  ended 3.6 points below uniform pruning with truncation and 3.3 above it with frozen slots
+  (docs/federated.md, 2026-12-05).
   Without a `RoundCost` (the simulator's baselines, mesh jobs checkpointed before 2026-12-05)
   each device's own bandit chooses, as below, and is sent the state truncated to its rank
   (HetLoRA).
@@ -527,7 +528,7 @@ class FedSpineServer:
             rows, cols = module_masks(self.layout, r.keep)
             updates.append(LoraUpdate(r.lora, rows, cols))
         # With the planner, a device trains its first r slots of the state it was sent, the rest
-        # frozen: those count as unchanged, not as zero (docs/federated.md, 2026-12-06).
+        # frozen: those count as unchanged, not as zero (docs/federated.md, 2026-12-05).
         self.lora = aggregate_lora(updates, previous=self.lora, lacking_keep_previous=self.cost is not None)
         if self.dense:
             samples = [float(r.samples) for r in accepted]
