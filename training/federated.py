@@ -14,10 +14,11 @@ training/fedspine.py's `FedSpineServer` unchanged; this module drives it with re
    model's loss) picks among the options it finishes within that time, as the simulator's FedSpine
    does (docs/federated.md): a fast laptop trains a larger rank in the time a phone needs for a
    small one. The device is sent the whole global LoRA state, the first `rank` slots to train (in
-   float32) and the rest frozen (in float16), and the consensus keep-mask at its ratio (made realisable: the same number of query heads from every KV group),
-   prunes its copy of the base model physically, trains LoRA on its local data for the round's
-   steps gathering LoRA-gradient importance, and answers its trained slots (`fed.round`). The round closes at its
-   deadline or when a quorum of its devices answered; the server aggregates (heterogeneous ranks,
+   float32) and the rest frozen (in float16), and the consensus keep-mask at its ratio (made
+   realisable: the same number of query heads from every KV group), prunes its copy of the base
+   model physically, trains LoRA on its local data for the round's steps gathering LoRA-gradient
+   importance, and answers its trained slots (`fed.round`). The round closes at its deadline or
+   when a quorum of its devices answered; the server aggregates (heterogeneous ranks,
    masked), credits the bandit, and the job is checkpointed (atomically) before the next round.
    (A job checkpointed before 2026-12-05 resumes with the per-device bandits it started with.)
 3. End: the consensus mask at the target sparsity (training/pruning.plan_pruning on the
