@@ -125,6 +125,7 @@ def test_bad_local_data_is_refused_with_file_and_line(tmp_path):
 
 def test_device_receives_the_model_files_it_lacks_then_trains_a_pruned_round(base, data, tmp_path):
     from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.fedspine import dequantise_slots, quantise_slots
     from training.part_fields import local_data
 
     model, _ = base
@@ -209,6 +210,7 @@ def test_a_round_prunes_a_copy_that_shares_the_base_weights_it_keeps_and_leaves_
 
 def test_device_trains_at_most_the_rank_it_was_sent_and_refuses_an_unrealisable_mask(base, data):
     from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.fedspine import dequantise_slots, quantise_slots
     from training.part_fields import local_data
 
     model, tokenizer = base
@@ -235,6 +237,7 @@ def test_device_trains_its_rank_of_the_whole_global_state_with_the_rest_frozen(b
     import copy
 
     from training.fed_parts import FedJobs, FedSpec, RoundReport, model_files
+    from training.fedspine import dequantise_slots, quantise_slots
     from training.part_fields import local_data
 
     model, tokenizer = base
@@ -248,17 +251,21 @@ def test_device_trains_its_rank_of_the_whole_global_state_with_the_rest_frozen(b
     keep_channels[:, :40] = True
     order = _order(jobs, model, 4, keep_heads, keep_channels, steps=2)
     generator = torch.Generator().manual_seed(5)
-    # A trained global state (B no longer zero), in values float16 carries exactly.
-    order.lora = {n: (a.half().float(), (0.05 * torch.randn(b.shape, generator=generator)).half().float())
+    # A trained global state (B no longer zero), in values the frozen slots' int8 carries (to
+    # float32's rounding), so the frozen round and the all-LoRA round see one model.
+    order.lora = {n: (dequantise_slots(*quantise_slots(a, 1)),
+                      dequantise_slots(*quantise_slots(0.05 * torch.randn(b.shape, generator=generator), 0)))
                   for n, (a, b) in order.lora.items()}
 
     def round_with(rank: int, lora) -> RoundReport:
         sent = copy.copy(order)
         sent.rank, sent.lora = rank, lora
         fields, tensors = sent.to_request("j1")
-        if rank < 4:                                  # the frozen slots travel in half precision
-            assert all(t.dtype == torch.float16 and t.shape[0 if k.startswith("frozen_a.") else 1] == 4 - rank
-                       for k, t in tensors.items() if k.startswith("frozen_"))
+        frozen = {k: t for k, t in tensors.items() if k.startswith("frozen8_")}
+        assert bool(frozen) == (next(iter(lora.values()))[0].shape[0] > rank)
+        if rank < 4:                                  # the frozen slots travel as int8, a scale per slot
+            assert all(t.dtype == (torch.float32 if "_scale." in k else torch.int8) and
+                                  t.shape[0 if k.startswith("frozen8_a") else 1] == 4 - rank for k, t in frozen.items())
             assert tensors["a.0.q_proj"].dtype == torch.float32 and tensors["a.0.q_proj"].shape[0] == rank
         return RoundReport.from_reply(*jobs.handle("coord", "fed.round", fields, tensors))
 
@@ -280,18 +287,34 @@ def test_a_round_order_travels_with_its_frozen_slots_and_refuses_ones_that_do_no
     from training.fed_parts import RoundOrder
 
     keep = (torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool))
-    a, b = torch.randn(6, 5).half().float(), torch.randn(7, 6).half().float()
+    a, b = torch.randn(6, 5), torch.randn(7, 6)
+    a[3] *= 100                                       # slots of very different sizes: a scale each
     order = RoundOrder(3, 0.25, 2, 4, *keep, {"m": (a, b)})
     fields, tensors = order.to_request("j1")
     back = RoundOrder.from_request(fields, tensors)
-    assert back.rank == 2 and torch.equal(back.lora["m"][0], a) and torch.equal(back.lora["m"][1], b)
-    wrong = dict(tensors, **{"frozen_b.m": torch.zeros(3, 4, dtype=torch.float16)})      # 3 rows, not 7
+    back_a, back_b = back.lora["m"]
+    # The trained slots exactly; each frozen one within half its own step (its largest value / 127).
+    assert back.rank == 2 and torch.equal(back_a[:2], a[:2]) and torch.equal(back_b[:, :2], b[:, :2])
+    assert torch.all((back_a[2:] - a[2:]).abs() <= a[2:].abs().amax(1, keepdim=True) / 254 * 1.001)
+    assert torch.all((back_b[:, 2:] - b[:, 2:]).abs() <= b[:, 2:].abs().amax(0, keepdim=True) / 254 * 1.001)
+    assert not torch.equal(back_a[2:], a[2:])
+    wrong = dict(tensors, **{"frozen8_b.m": torch.zeros(3, 4, dtype=torch.int8),      # 3 rows, not 7
+                             "frozen8_b_scale.m": torch.ones(1, 4)})
     with pytest.raises(ValueError, match="frozen LoRA slots of 'm' do not fit"):
         RoundOrder.from_request(fields, wrong)
-    stray = dict(tensors, **{"frozen_a.x": torch.zeros(1, 5, dtype=torch.float16),
-                             "frozen_b.x": torch.zeros(7, 1, dtype=torch.float16)})
+    unscaled = dict(tensors, **{"frozen8_a.m": tensors["frozen8_a.m"].half()})
+    with pytest.raises(ValueError, match="'m' need int8 values and a scale per slot"):
+        RoundOrder.from_request(fields, unscaled)
+    stray = dict(tensors, **{"frozen8_a.x": torch.zeros(1, 5, dtype=torch.int8),
+                             "frozen8_b.x": torch.zeros(7, 1, dtype=torch.int8),
+                             "frozen8_a_scale.x": torch.ones(1, 1), "frozen8_b_scale.x": torch.ones(1, 1)})
     with pytest.raises(ValueError, match="none to train"):
         RoundOrder.from_request(fields, stray)
+    # A coordinator of the float16 days sent `frozen_a.`: ignored, the device trains the cut state.
+    old = {k: v for k, v in tensors.items() if not k.startswith("frozen8_")}
+    old.update({"frozen_a.m": a[2:].half(), "frozen_b.m": b[:, 2:].half()})
+    cut = RoundOrder.from_request(fields, old)
+    assert torch.equal(cut.lora["m"][0], a[:2]) and torch.equal(cut.lora["m"][1], b[:, :2])
 
 
 def test_realisable_mask_keeps_as_many_heads_in_every_kv_group():

@@ -22,6 +22,8 @@ from training.fedspine import (
     ModuleUnits,
     RoundCost,
     UnitLayout,
+    dequantise_slots,
+    quantise_slots,
     sparsity_at,
 )
 
@@ -113,7 +115,7 @@ def test_measured_devices_finish_within_the_slowest_ones_fastest_option():
         server.round = 4
 
 
-def test_a_planned_round_sends_every_slot_and_the_frozen_ones_in_half_precision():
+def test_a_planned_round_sends_every_slot_and_the_frozen_ones_quantised():
     server = _server()
     generator = torch.Generator().manual_seed(0)
     server.lora = {n: LoraFactors(torch.randn(f.a.shape, generator=generator), torch.randn(f.b.shape, generator=generator))
@@ -127,7 +129,9 @@ def test_a_planned_round_sends_every_slot_and_the_frozen_ones_in_half_precision(
         for name, f in plan.lora.items():
             g = server.lora[name]
             assert f.rank == 16 and torch.equal(f.a[:r], g.a[:r]) and torch.equal(f.b[:, :r], g.b[:, :r])
-            assert torch.equal(f.a[r:], g.a[r:].half().float()) and torch.equal(f.b[:, r:], g.b[:, r:].half().float())
+            assert torch.equal(f.a[r:], dequantise_slots(*quantise_slots(g.a[r:], 1)))
+            assert torch.equal(f.b[:, r:], dequantise_slots(*quantise_slots(g.b[:, r:], 0)))
+            assert r == 16 or not torch.equal(f.a[r:], g.a[r:])
     # The time model charges the whole state down: a fixed part at the frozen width, then per slot trained.
     assert server.predicted_seconds("slow", 0.5, 4) < server.predicted_seconds("slow", 0.5, 8)
 
@@ -181,3 +185,20 @@ def test_planned_server_checkpoint_round_trips(tmp_path):
     assert loaded.quality.state == server.quality.state and loaded.credit == server.credit
     assert (loaded.gain_mean, loaded.gain_var) == (server.gain_mean, server.gain_var)
     assert loaded.round_length(["a", "b"]) == server.round_length(["a", "b"])
+
+
+def test_frozen_slots_quantise_to_int8_with_a_scale_per_slot():
+    x = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [300.0, 1.0, -2.0]])
+    values, scale = quantise_slots(x, 1)
+    assert values.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (3, 1)
+    assert values[0].tolist() == [64, -127, 32] and values[2, 0] == 127      # a slot's largest maps to 127
+    assert torch.equal(dequantise_slots(values, scale)[1], x[1])               # an all-zero slot stays zero
+    back = dequantise_slots(values, scale)
+    assert torch.all((back - x).abs() <= x.abs().amax(1, keepdim=True) / 254 * 1.001)
+    # Quantising what came back gives it again (to float32's rounding of the scale).
+    assert torch.allclose(dequantise_slots(*quantise_slots(back, 1)), back, rtol=1e-6, atol=0)
+    # B's slots are tiny early on: a float16 scale would underflow to nothing here.
+    tiny = 1e-9 * torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    back = dequantise_slots(*quantise_slots(tiny, 0))
+    assert torch.all((back - tiny).abs() <= tiny.abs().amax(0, keepdim=True) / 254 * 1.001)
+

@@ -9,8 +9,10 @@ its own data (`hearth worker --data PATH`) that never leaves it. A device serves
               same SHA-256s) and tokenise the local data with its tokenizer; answers `need_files`
               (names) when this device lacks some of the model's files.
 - `fed.round` with the round's pruning ratio, LoRA rank r, keep-mask and the global LoRA state
-              (unpruned coordinates): its first r slots in float32 (`a.`, `b.`), the rest in
-              float16 (`frozen_a.`, `frozen_b.`; none from a coordinator before 2026-12-05):
+              (unpruned coordinates): its first r slots in float32 (`a.`, `b.`), the rest as int8
+              with a float32 scale per slot (`frozen8_a.`, `frozen8_b.`, `frozen8_a_scale.`,
+              `frozen8_b_scale.`; none from a coordinator before 2026-12-06, and a device
+              before then ignores them and trains the state cut to r slots):
               prune a copy of the base model by the mask, merge the frozen slots into its
               weights, train LoRA at rank r on the local data for the round's steps while
               gathering LoRAPrune-style importance from the LoRA gradients, and answer the r
@@ -137,8 +139,10 @@ class RoundOrder:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A [R, in], B [out, R]), R >= rank
 
     def to_request(self, job: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        """The slots to train in float32; those beyond `rank` (frozen) in FROZEN_DTYPE."""
-        from training.fedspine import FROZEN_DTYPE
+        """The slots to train in float32; those beyond `rank` (frozen) as int8 with a float32
+        scale per slot (`frozen8_a.`, `frozen8_a_scale.`, ...: keys a device that read them as
+        float16 `frozen_a.` ignores, rather than misreading int8 as values)."""
+        from training.fedspine import quantise_slots
 
         fields = {"job": job, "round": self.round, "ratio": float(self.ratio), "rank": self.rank, "steps": self.steps}
         tensors = {"keep.heads": self.keep_heads.contiguous(), "keep.channels": self.keep_channels.contiguous()}
@@ -146,8 +150,10 @@ class RoundOrder:
             tensors[f"a.{name}"] = a[:self.rank].float().contiguous()
             tensors[f"b.{name}"] = b[:, :self.rank].float().contiguous()
             if a.shape[0] > self.rank:
-                tensors[f"frozen_a.{name}"] = a[self.rank:].to(FROZEN_DTYPE).contiguous()
-                tensors[f"frozen_b.{name}"] = b[:, self.rank:].to(FROZEN_DTYPE).contiguous()
+                for key, (values, scale) in (("a", quantise_slots(a[self.rank:], 1)),
+                                             ("b", quantise_slots(b[:, self.rank:], 0))):
+                    tensors[f"frozen8_{key}.{name}"] = values.contiguous()
+                    tensors[f"frozen8_{key}_scale.{name}"] = scale.contiguous()
         return fields, tensors
 
     @classmethod
@@ -160,7 +166,7 @@ class RoundOrder:
         if heads.dtype != torch.bool or channels.dtype != torch.bool or heads.dim() != 2 or channels.dim() != 2:
             raise ValueError("fed.round: keep masks must be 2-d bool tensors")
         lora = _factors_from(tensors, "fed.round")
-        frozen = _factors_from(tensors, "fed.round", prefixes=("frozen_a.", "frozen_b."))
+        frozen = _frozen_from(tensors)
         if set(frozen) - set(lora):
             raise ValueError("fed.round: frozen LoRA slots of a module that has none to train")
         for name, (fa, fb) in frozen.items():
@@ -216,7 +222,8 @@ class RoundReport:
             raise ValueError(f"fed.round reply: incomplete ({exc})") from None
 
 
-def _factors_from(tensors: dict, where: str, prefixes: tuple[str, str] = ("a.", "b.")) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _factors_from(tensors: dict, where: str, prefixes: tuple[str, str] = ("a.", "b."),
+                  cast: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     out = {}
     for key, a in tensors.items():
         if key.startswith(prefixes[0]):
@@ -224,7 +231,22 @@ def _factors_from(tensors: dict, where: str, prefixes: tuple[str, str] = ("a.", 
             b = tensors.get(f"{prefixes[1]}{name}")
             if b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise ValueError(f"{where}: LoRA factors of {name[:60]!r} are missing or do not fit")
-            out[name] = (a.float(), b.float())
+            out[name] = (a.float(), b.float()) if cast else (a, b)
+    return out
+
+
+def _frozen_from(tensors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen slots of a round order, dequantised: int8 values and a float32 scale per slot."""
+    from training.fedspine import dequantise_slots
+
+    out = {}
+    for name, (a, b) in _factors_from(tensors, "fed.round", ("frozen8_a.", "frozen8_b."), cast=False).items():
+        a_scale, b_scale = tensors.get(f"frozen8_a_scale.{name}"), tensors.get(f"frozen8_b_scale.{name}")
+        if (a.dtype != torch.int8 or b.dtype != torch.int8 or a_scale is None or b_scale is None
+                or a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32
+                or tuple(a_scale.shape) != (a.shape[0], 1) or tuple(b_scale.shape) != (1, b.shape[1])):
+            raise ValueError(f"fed.round: frozen LoRA slots of {name[:60]!r} need int8 values and a scale per slot")
+        out[name] = (dequantise_slots(a, a_scale), dequantise_slots(b, b_scale))
     return out
 
 

@@ -14,7 +14,7 @@ training/fedspine.py's `FedSpineServer` unchanged; this module drives it with re
    model's loss) picks among the options it finishes within that time, as the simulator's FedSpine
    does (docs/federated.md): a fast laptop trains a larger rank in the time a phone needs for a
    small one. The device is sent the whole global LoRA state, the first `rank` slots to train (in
-   float32) and the rest frozen (in float16), and the consensus keep-mask at its ratio (made
+   float32) and the rest frozen (in int8), and the consensus keep-mask at its ratio (made
    realisable: the same number of query heads from every KV group), prunes its copy of the base
    model physically, trains LoRA on its local data for the round's steps gathering LoRA-gradient
    importance, and answers its trained slots (`fed.round`). The round closes at its deadline or
@@ -63,7 +63,8 @@ from training.fed_parts import (
     module_shapes, unit_layout,
 )
 from training.fedspine import (
-    FROZEN_DTYPE, DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask, RoundCost, RoundPlan,
+    FROZEN_SCALE_BYTES, FROZEN_VALUE_BYTES, DeviceReport, FedSpineConfig, FedSpineServer, Importance, KeepMask,
+    RoundCost, RoundPlan,
 )
 from training.job import ProgressEvent, one_run_at_a_time
 from training.local_peer import LocalPeer, MemberLost, close_job_on
@@ -160,20 +161,21 @@ def round_cost(config: Any, shapes: dict[str, tuple[int, int]], sent_rank: int) 
     q and o projections shrink with the kept heads, the MLP with the kept channels; k, v and the LM
     head do not (the realisable mask keeps every KV group). Bytes, all in unpruned coordinates (so
     not shrunk by pruning): the `sent_rank` slots of the global state down, the trained ones in
-    float32 and the frozen rest in float16, and the trained slots back in float32; the masks down,
-    the importance up and every slot's float16 half down are the fixed part."""
+    float32 and the frozen rest in int8 with a scale per slot, and the trained slots back in
+    float32; the masks down, the importance up and every slot as a frozen one are the fixed part."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     units = layers * (config.num_attention_heads + config.intermediate_size)
-    values, frozen = sum(i + o for i, o in shapes.values()), FROZEN_DTYPE.itemsize   # one slot; bytes a frozen value
+    values = sum(i + o for i, o in shapes.values())                  # of one slot
+    frozen = FROZEN_VALUE_BYTES * values + 2 * FROZEN_SCALE_BYTES * len(shapes)   # one slot's bytes, frozen
     return RoundCost(
         fixed_work=layers * 2 * hidden * kv_width + config.vocab_size * hidden,
         head_work=layers * 2 * hidden * q_width,
         channel_work=layers * 3 * hidden * config.intermediate_size,
         # bool masks down, float32 importance up, and every slot at the frozen width down
-        fixed_bytes=units * (1 + 4) + sent_rank * frozen * values,
-        rank_bytes=(4 - frozen + 4) * values,              # a trained slot: the rest of float32 down, float32 up
+        fixed_bytes=units * (1 + 4) + sent_rank * frozen,
+        rank_bytes=(4 + 4) * values - frozen,             # a trained slot: float32 down instead of frozen, float32 up
     )
 
 

@@ -11,7 +11,7 @@ device's round time comes from a cost model: the FLOPs a SmolLM2-135M-sized back
 d=576, 1536 MLP channels, 128 tokens per sample) would need for the same local steps at the same
 kept fraction of heads/channels (forward + backward, 3x forward), divided by the device's rate,
 plus moving the LoRA factors and the classifier head both ways over its link: down, the slots it
-trains in float32 and (FedSpine's planned rounds) the frozen rest of the global state in float16,
+trains in float32 and (FedSpine's planned rounds) the frozen rest of the global state in int8,
 all in unpruned coordinates; up, the trained slots' kept rows only. The small model stands in for
 SmolLM2 in accuracy only; the docs say so.
 
@@ -53,7 +53,8 @@ from core.errors import HearthError
 from training.aggregation import LoraFactors
 from training.bandit import Arm, BanditConfig
 from training.fedspine import (
-    FROZEN_DTYPE,
+    FROZEN_SCALE_BYTES,
+    FROZEN_VALUE_BYTES,
     DeviceReport,
     FedSpineConfig,
     FedSpineServer,
@@ -68,7 +69,6 @@ from training.fedspine import (
 METHODS = ("fedspine", "hetlora", "uniform", "random")
 EVAL_CHUNK = 500        # validation rows per forward pass
 GLOBAL_RANK = 16        # the global LoRA state's rank (the highest a device trains)
-FROZEN_WIDTH = FROZEN_DTYPE.itemsize   # bytes a frozen slot's value takes on the link
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -116,6 +116,11 @@ class CostModel:
         d, c = self.hidden, self.intermediate
         per_layer = rank * ((d + d * head_keep) * 2 + 2 * (d + c * channel_keep) + (c * channel_keep + d))
         return width * self.layers * per_layer
+
+    def frozen_bytes(self, slots: float) -> float:
+        """Bytes of `slots` frozen slots: int8 values and, per module, a scale for A and one for B."""
+        modules = 5 * self.layers
+        return self.lora_bytes(slots, 1.0, 1.0, FROZEN_VALUE_BYTES) + slots * modules * 2 * FROZEN_SCALE_BYTES
 
     def head_bytes(self) -> float:
         return 4.0 * (self.classes * self.hidden + self.classes)
@@ -501,15 +506,15 @@ def make_fleet(config: SimConfig) -> list[VirtualDevice]:
 def round_cost(config: SimConfig, sent_rank: int) -> RoundCost:
     """The clock's work and bytes as the coordinator's linear time model when `sent_rank` slots
     are sent (exact for this clock, but for the latency, which the link rate absorbs). Down, every
-    slot in float16 plus the trained ones' other half; up, the trained slots' kept rows."""
+    slot as a frozen one plus what a trained one's float32 adds; up, the trained slots' kept rows."""
     cost = config.cost
     samples = config.local_steps * config.batch_size
     flops = lambda heads, channels: samples * cost.train_flops_per_sample(heads, channels)
     up = lambda heads, channels: cost.lora_bytes(1, heads, channels)
     return RoundCost(
         fixed_work=flops(0, 0), head_work=flops(1, 0) - flops(0, 0), channel_work=flops(0, 1) - flops(0, 0),
-        fixed_bytes=2 * cost.head_bytes() + cost.lora_bytes(sent_rank, 1.0, 1.0, FROZEN_WIDTH),
-        rank_bytes=cost.lora_bytes(1, 1.0, 1.0, 4.0 - FROZEN_WIDTH) + up(0, 0),     # the download is never pruned
+        fixed_bytes=2 * cost.head_bytes() + cost.frozen_bytes(sent_rank),
+        rank_bytes=cost.lora_bytes(1, 1.0, 1.0) - cost.frozen_bytes(1) + up(0, 0),     # the download is never pruned
         rank_head_bytes=up(1, 0) - up(0, 0), rank_channel_bytes=up(0, 1) - up(0, 0),
     )
 
@@ -524,7 +529,7 @@ def device_round_seconds(device: VirtualDevice, keep: KeepMask, rank: int, confi
     samples = config.local_steps * config.batch_size
     compute = samples * cost.train_flops_per_sample(head_keep, channel_keep) / device.flops_per_s
     frozen = max(0, (sent_rank or rank) - rank)
-    down = cost.lora_bytes(rank, 1.0, 1.0) + cost.lora_bytes(frozen, 1.0, 1.0, FROZEN_WIDTH) + cost.head_bytes()
+    down = cost.lora_bytes(rank, 1.0, 1.0) + cost.frozen_bytes(frozen) + cost.head_bytes()
     up = cost.lora_bytes(rank, head_keep, channel_keep) + cost.head_bytes()
     transfer = (down + up) / device.bandwidth_bps + 2 * cost.latency_s
     return compute, transfer

@@ -17,7 +17,7 @@ model (a late report still teaches that device's bandit how slow the arm was).
   device's cell among those it finishes within T, and is rewarded by the global model's progress
   (the drop in the devices' loss before training from one round to the next), not by a device's
   own loss or time. A device of rank r is sent every slot of the global state and trains the
-  first r with the rest frozen (sent in float16: the device never changes them); its r trained
+  first r with the rest frozen (sent in int8: the device never changes them); its r trained
   slots come back and its frozen ones count as unchanged in the aggregate. A device given only
   r slots would train a different model (the global one cut to r slots), and its update, averaged
   beside the slots it never saw, counted twice what they do: at paper scale (seed 0) FedSpine
@@ -76,9 +76,12 @@ MAX_EXTRA_RATIO = 0.1
 # The quality signal's mean and spread are EMAs with this weight on the old value: the global
 # loss falls fast in the first rounds and slowly later, so a drop is judged against recent ones.
 GAIN_EMA = 0.8
-# A planned round's frozen slots travel in this precision (half of float32's bytes); the device
-# only reads them, and the slots it trains travel in float32.
-FROZEN_DTYPE = torch.float16
+# A planned round's frozen slots travel as int8 with one float32 scale per slot (A's row, B's
+# column): a quarter of float32's bytes, and the slowest device's download is most of its round.
+# The device only reads them; the slots it trains travel in float32 both ways. (A float16 scale
+# would underflow for B's small early slots.)
+FROZEN_VALUE_BYTES = 1
+FROZEN_SCALE_BYTES = 4
 
 
 @dataclass
@@ -218,14 +221,28 @@ class RoundResult:
     mean_loss_after: float
 
 
+def quantise_slots(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and one float32 scale per slot of LoRA factors: `dim` is the axis a slot spans
+    (1 for A's rows, 0 for B's columns). A slot's largest value maps to +-127."""
+    scale = x.float().abs().amax(dim=dim, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))     # an all-zero slot (B at start)
+    values = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    return values, scale
+
+
+def dequantise_slots(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return values.float() * scale
+
+
 def frozen_beyond(lora: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
     """The global state as a planned round sends it to a device of `rank`: every slot, those
-    beyond `rank` rounded to FROZEN_DTYPE as they travel (values in float32 here)."""
+    beyond `rank` quantised as they travel (values in float32 here)."""
     out = {}
     for name, f in lora.items():
         a, b = f.a.clone(), f.b.clone()
-        a[rank:] = a[rank:].to(FROZEN_DTYPE).to(a.dtype)
-        b[:, rank:] = b[:, rank:].to(FROZEN_DTYPE).to(b.dtype)
+        if a.shape[0] > rank:
+            a[rank:] = dequantise_slots(*quantise_slots(a[rank:], 1))
+            b[:, rank:] = dequantise_slots(*quantise_slots(b[:, rank:], 0))
         out[name] = LoraFactors(a, b)
     return out
 
